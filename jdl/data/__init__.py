@@ -1,0 +1,87 @@
+"""Datasets held whole in memory, and the on-device input pipeline.
+
+`load_dataset(name)` returns a `Dataset` of uint8 NHWC images and int32 labels:
+the built-in procedural `shapes` set (offline, made in seconds) or any TFDS
+image-classification dataset read through `tfds.data_source` (no TensorFlow at
+train time). `jdl.data.pipeline` does shuffling, batching, normalisation and
+augmentation on the device, inside the jitted step.
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+
+from jdl.errors import ConfigError
+
+Split = Tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W, C), labels int32 (N,)
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A classification dataset held in host memory.
+
+  Arguments:
+    name: the dataset's name as given to `load_dataset`.
+    train: (images, labels) for training (validation is split off later).
+    test: (images, labels) held out for the final figure.
+    num_classes: number of classes; labels are in [0, num_classes).
+    class_names: one name per class.
+  """
+  name: str
+  train: Split
+  test: Split
+  num_classes: int
+  class_names: Tuple[str, ...]
+
+  @property
+  def image_shape(self) -> Tuple[int, ...]:
+    return tuple(self.train[0].shape[1:])
+
+
+def load_dataset(name: str, *, data_dir: Optional[str] = None,
+                 num_train: Optional[int] = None, num_test: Optional[int] = None,
+                 seed: int = 0, download: bool = True) -> Dataset:
+  """Loads a dataset by name into host memory.
+
+  Arguments:
+    name: 'shapes' (built in, offline) or a TFDS image-classification name
+      (cifar10, cifar100, mnist, fashion_mnist, ...).
+    data_dir: where TFDS looks for prepared data (TFDS's default when None).
+    num_train: for `shapes`, how many training images to generate; for TFDS,
+      keep only the first `num_train` training examples. None: all / default.
+    num_test: likewise for the test split.
+    seed: seed of the `shapes` generator (TFDS data does not depend on it).
+    download: allow TFDS to download and prepare data that is not there yet.
+  """
+  if name == "shapes":
+    from jdl.data import shapes
+    splits = shapes.load(num_train=num_train or 10_000, num_test=num_test or 2_000, seed=seed)
+    return Dataset("shapes", splits["train"], splits["test"], len(shapes.CLASS_NAMES),
+                   tuple(shapes.CLASS_NAMES))
+  from jdl.data import tfds_source
+  dataset = tfds_source.load(name, data_dir=data_dir, download=download)
+  if num_train:
+    dataset.train = tuple(a[:num_train] for a in dataset.train)
+  if num_test:
+    dataset.test = tuple(a[:num_test] for a in dataset.test)
+  return dataset
+
+
+def split_validation(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:
+  """Holds a random `fraction` of a split out as validation data.
+
+  The split is stratified-free but seeded, so the same seed always holds out the
+  same examples (needed for exact resume).
+
+  Arguments:
+    split: (images, labels).
+    fraction: in [0, 1); 0 gives an empty validation split.
+    seed: which examples are held out.
+  """
+  images, labels = split
+  if not 0.0 <= fraction < 1.0:
+    raise ConfigError(f"validation_fraction must be in [0, 1), got {fraction}")
+  num_val = int(round(len(labels) * fraction))
+  order = np.random.default_rng(seed).permutation(len(labels))
+  val, train = order[:num_val], order[num_val:]
+  return (images[train], labels[train]), (images[val], labels[val])
