@@ -1,0 +1,109 @@
+"""What every experiment entrypoint shares: flags, errors, compile cache.
+
+- `define_flags(TrainConfig)` makes one absl flag per config field, with the
+  field's help text and default, so entrypoints stay a few lines long.
+- `config_from_flags` reads them back (plus a preset, where explicit flags win).
+- `run(main)` runs an absl main that prints any `JdlError` as a one-line
+  `error: ...` and exits with status 2 -- never a traceback for bad input.
+- `enable_compilation_cache()` turns on JAX's persistent compilation cache, so a
+  second run of the same configuration skips most of its compile time.
+"""
+import dataclasses
+import os
+import sys
+import typing
+from typing import Optional, Sequence
+
+from absl import app, flags, logging
+
+from jdl.errors import JdlError
+
+FLAGS = flags.FLAGS
+
+
+def _base_type(annotation):
+  """float for Optional[float], tuple for Tuple[float, ...], etc."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  origin = typing.get_origin(annotation)
+  if origin is typing.Union:
+    return _base_type(args[0])
+  if origin in (tuple, list):
+    return tuple
+  return annotation
+
+
+def define_flags(config_cls, skip: Sequence[str] = ()) -> None:
+  """Defines one absl flag per dataclass field of `config_cls`."""
+  for field in dataclasses.fields(config_cls):
+    if field.name in skip or field.name in FLAGS:
+      continue
+    kind = _base_type(field.type)
+    help_text = field.metadata.get("help", field.name)
+    default = field.default
+    if kind is bool:
+      flags.DEFINE_boolean(field.name, default, help_text)
+    elif kind is int:
+      flags.DEFINE_integer(field.name, default, help_text)
+    elif kind is float:
+      flags.DEFINE_float(field.name, default, help_text)
+    elif kind is tuple:
+      flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+    else:
+      flags.DEFINE_string(field.name, default, help_text)
+
+
+def config_from_flags(config_cls, preset: str = "", apply_preset=None):
+  """Builds `config_cls` from the parsed flags; explicitly set flags beat the preset."""
+  values = {}
+  for field in dataclasses.fields(config_cls):
+    if field.name not in FLAGS:
+      continue
+    value = FLAGS[field.name].value
+    if _base_type(field.type) is tuple:
+      try:
+        value = tuple(float(v) for v in value)
+      except ValueError:
+        raise JdlError(f"--{field.name} must be a comma-separated list of numbers, got {value}") from None
+    values[field.name] = value
+  config = config_cls(**values)
+  if apply_preset is not None:
+    explicit = {name for name in values if FLAGS[name].present}
+    config = apply_preset(config, preset, explicit)
+  return config
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> str:
+  """Persists compiled XLA programs on disk ($JDL_CACHE_DIR or ~/.cache/jdl/xla)."""
+  import jax
+  path = path or os.environ.get("JDL_CACHE_DIR") or os.path.expanduser("~/.cache/jdl/xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  # Cache every program, however quick to compile: on CPU most are sub-second.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+def run(main) -> None:
+  """absl's app.run, with JdlError printed as one line and exit status 2."""
+
+  def guarded(argv):
+    if not FLAGS["verbosity"].present:
+      # Orbax logs every checkpoint at INFO and TFDS warns about empty data
+      # dirs it is only probing; keep the console for progress and jdl's own
+      # messages. --verbosity=0 brings them back.
+      logging.set_verbosity(logging.ERROR)
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {' '.join(argv[1:])} (flags look like --name=value)",
+            file=sys.stderr)
+      sys.exit(2)
+    try:
+      return main(argv)
+    except JdlError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print("interrupted; rerun with the same --workdir to resume from the last checkpoint",
+            file=sys.stderr)
+      sys.exit(130)
+
+  app.run(guarded)

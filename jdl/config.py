@@ -1,0 +1,140 @@
+"""Training configuration: one dataclass, its presets and its validation.
+
+`TrainConfig` is the single place where defaults live, each with its unit.
+Experiment entrypoints generate their absl flags from it (`jdl.cli`), so the
+flags, the library defaults and `results.json` never drift apart. `validate`
+checks everything that can be checked without data or compilation and raises a
+one-line `ConfigError`.
+"""
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+from jdl.errors import ConfigError
+
+
+def _field(default, help: str):
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a classification training run."""
+  # --- data ---
+  dataset: str = _field("cifar10", "shapes (built in, offline) or a TFDS image-classification dataset")
+  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
+  num_train: int = _field(0, "training examples: shapes generates this many, TFDS keeps the first N (0: default/all)")
+  num_test: int = _field(0, "test examples, as num_train (0: default/all)")
+  validation_fraction: float = _field(0.1, "fraction of the training split held out for validation")
+  augment: bool = _field(False, "random translation (up to 4 px) and horizontal flips, on the device")
+  # --- model ---
+  model: str = _field("cnn", "model name (see jdl.models.MODELS)")
+  activation: Optional[str] = _field(None, "hidden activation by name (model default if unset)")
+  dropout: Optional[float] = _field(None, "dropout rate in [0, 1) (model default if unset)")
+  precision: str = _field("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
+  # --- optimisation ---
+  optimizer: str = _field("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
+  learning_rate: float = _field(1e-3, "peak learning rate, per step")
+  momentum: float = _field(0.9, "momentum for momentum/nesterov")
+  schedule: str = _field("constant", "constant, inverse_time, exponential, cosine, warmup_cosine, piecewise, one_cycle")
+  decay_rate: float = _field(0.5, "inverse_time/exponential: decay rate")
+  decay_steps: int = _field(0, "inverse_time/exponential: steps per decay unit (0: one epoch)")
+  warmup_steps: int = _field(0, "warmup_cosine/one_cycle: warm-up steps (0: 5% of training)")
+  boundaries: Tuple[float, ...] = _field((0.5, 0.75), "piecewise: boundaries as fractions of training")
+  boundary_scale: float = _field(0.1, "piecewise: learning-rate factor at each boundary")
+  clip_norm: float = _field(0.0, "clip gradients to this global norm (0: off)")
+  weight_decay: float = _field(0.0, "decoupled weight decay on kernels, per step x learning rate")
+  l1: float = _field(0.0, "L1 penalty coefficient on kernels, added to the loss")
+  l2: float = _field(0.0, "L2 penalty coefficient on kernels, added to the loss")
+  label_smoothing: float = _field(0.0, "label smoothing epsilon in [0, 1)")
+  epochs: int = _field(10, "passes over the training split")
+  batch_size: int = _field(128, "examples per training step")
+  early_stopping_patience: int = _field(0, "stop after this many epochs without a better validation accuracy (0: off)")
+  # --- run ---
+  seed: int = _field(0, "seed of initialisation, data order, augmentation and dropout")
+  workdir: Optional[str] = _field(None, "checkpoints, metrics and plots go here; rerunning resumes (default runs/DATASET-MODEL-seedS)")
+  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume (the best is kept separately)")
+  log_every: int = _field(50, "steps between progress-bar loss updates (each is a device sync)")
+  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
+
+
+# The course notes' three Keras CIFAR-10 examples (Udacity AIND, cifar10_mlp /
+# cifar10_cnn / cifar10_augmentation): RMSprop with Keras defaults, batch 32,
+# categorical cross-entropy, the best-validation checkpoint reloaded for test.
+PRESETS = {
+    "keras_mlp": dict(model="mlp", optimizer="rmsprop", learning_rate=1e-3,
+                      batch_size=32, epochs=20, augment=False),
+    "keras_cnn": dict(model="cnn", optimizer="rmsprop", learning_rate=1e-3,
+                      batch_size=32, epochs=100, augment=False),
+    "keras_cnn_augment": dict(model="cnn", optimizer="rmsprop", learning_rate=1e-3,
+                              batch_size=32, epochs=100, augment=True),
+}
+
+
+def apply_preset(config: TrainConfig, preset: str, explicit=()) -> TrainConfig:
+  """Returns `config` with `preset`'s values, except fields named in `explicit`.
+
+  Arguments:
+    config: the starting configuration.
+    preset: a name from PRESETS ('' for none).
+    explicit: field names the user set explicitly; they win over the preset.
+  """
+  if not preset:
+    return config
+  if preset not in PRESETS:
+    raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+  values = {k: v for k, v in PRESETS[preset].items() if k not in explicit}
+  return dataclasses.replace(config, **values)
+
+
+def default_workdir(config: TrainConfig) -> str:
+  return f"runs/{config.dataset.replace('/', '_')}-{config.model}-seed{config.seed}"
+
+
+def validate(config: TrainConfig) -> None:
+  """Raises ConfigError (one line) for any bad value or combination.
+
+  Checks names against the registries and numbers against their ranges; checks
+  that need the data (batch size vs training-set size) happen in `jdl.train`.
+  """
+  from jdl import activations, models, optim  # Registries; imported late to keep this module light.
+  models.MODELS.lookup(config.model)
+  optim.OPTIMIZERS.lookup(config.optimizer)
+  optim.SCHEDULES.lookup(config.schedule)
+  if config.activation is not None:
+    activations.ACTIVATIONS.lookup(config.activation)
+  fields = models.model_fields(config.model)
+  for name in ("activation", "dropout"):
+    if getattr(config, name) is not None and name not in fields:
+      raise ConfigError(f"--{name} does not apply to model {config.model!r} (it has no {name})")
+
+  def check(ok, message):
+    if not ok:
+      raise ConfigError(message)
+
+  finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+  check(finite(config.learning_rate) and config.learning_rate > 0,
+        f"learning_rate must be > 0, got {config.learning_rate}")
+  check(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+  check(config.epochs >= 0, f"epochs must be >= 0, got {config.epochs}")
+  check(config.dropout is None or 0.0 <= config.dropout < 1.0,
+        f"dropout must be in [0, 1), got {config.dropout}")
+  check(0.0 <= config.validation_fraction < 1.0,
+        f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+  check(0.0 <= config.label_smoothing < 1.0,
+        f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+  for name in ("weight_decay", "l1", "l2", "clip_norm", "decay_steps", "warmup_steps",
+               "num_train", "num_test", "early_stopping_patience"):
+    value = getattr(config, name)
+    check(finite(value) and value >= 0, f"{name} must be >= 0, got {value}")
+  check(0.0 <= config.momentum < 1.0, f"momentum must be in [0, 1), got {config.momentum}")
+  check(config.decay_rate > 0, f"decay_rate must be > 0, got {config.decay_rate}")
+  check(config.boundary_scale > 0, f"boundary_scale must be > 0, got {config.boundary_scale}")
+  check(all(0.0 < b < 1.0 for b in config.boundaries) and list(config.boundaries) == sorted(config.boundaries),
+        f"boundaries must be increasing fractions in (0, 1), got {list(config.boundaries)}")
+  check(config.precision in ("float32", "bfloat16"),
+        f"precision must be float32 or bfloat16, got {config.precision!r}")
+  check(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+  check(config.log_every >= 1, f"log_every must be >= 1, got {config.log_every}")
+  check(not (config.early_stopping_patience and config.validation_fraction == 0),
+        "early_stopping_patience needs a validation split (validation_fraction > 0)")

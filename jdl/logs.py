@@ -1,0 +1,66 @@
+"""Run feedback: metrics.jsonl, TensorBoard event files and results.json.
+
+One row per epoch goes to `WORKDIR/metrics.jsonl` (easy to read back with
+pandas or a few lines of Python) and to TensorBoard event files under
+`WORKDIR/tb` (written by tensorboardX, so no TensorFlow is needed).
+"""
+import json
+import math
+import os
+from typing import Dict, List
+
+
+def read_jsonl(path: str) -> List[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_safe(value):
+  """NaN/inf are not JSON: write them as strings so the file stays parseable."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+  """Appends per-epoch metrics to metrics.jsonl and TensorBoard.
+
+  On resume, rows of epochs after the restored checkpoint (written before the
+  run died but never checkpointed) are dropped, so the history always matches
+  the parameters.
+
+  Arguments:
+    workdir: the run's directory.
+    resume_epoch: the last completed epoch of the restored checkpoint (0: fresh).
+  """
+
+  def __init__(self, workdir: str, resume_epoch: int = 0):
+    from tensorboardX import SummaryWriter
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.history = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= resume_epoch]
+    with open(self.path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in self.history)
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, epoch: int, metrics: Dict[str, float]) -> None:
+    row = {"epoch": epoch, "step": step, **{k: _json_safe(float(v)) for k, v in metrics.items()}}
+    self.history.append(row)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in metrics.items():
+      self._tb.add_scalar(name, float(value), step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    self._tb.close()
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (temp file + rename): never a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(tmp, path)

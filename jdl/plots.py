@@ -1,0 +1,39 @@
+"""Plots people would rather look at than read: learning curves."""
+import os
+from typing import List
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only; no display needed.
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_learning_curves(history: List[dict], path: str, title: str = "") -> str:
+  """Loss and accuracy per epoch, train vs validation, saved as a PNG.
+
+  Arguments:
+    history: rows of metrics.jsonl (keys epoch, train_loss, val_loss, ...).
+    path: the PNG file to write.
+    title: a figure title (e.g. dataset and model).
+  Returns:
+    `path`.
+  """
+  epochs = [r["epoch"] for r in history]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, metric in zip(axes, ("loss", "accuracy")):
+    for split, style in (("train", "-o"), ("val", "-s")):
+      key = f"{split}_{metric}"
+      points = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), float)]
+      if points:
+        ax.plot(*zip(*points), style, markersize=3, label=split)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,19 @@
+"""Test-wide settings.
+
+- Strict rank promotion, so silent broadcasting bugs fail (as Equinox does).
+- A persistent XLA compilation cache shared by the tests and the entrypoint
+  subprocesses they start: the same small models compile once per machine.
+"""
+import os
+import tempfile
+
+import jax
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "jdl-test-xla-cache")
+os.environ["JDL_CACHE_DIR"] = CACHE_DIR  # Inherited by entrypoint subprocesses.
+
+from jdl.cli import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(CACHE_DIR)
