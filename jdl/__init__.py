@@ -1,0 +1,21 @@
+"""jdl: a JAX functional deep-learning library (Flax linen models, Optax training).
+
+  import jdl
+  model = jdl.build_model("cnn")                      # a flax.linen.Module
+  print(jdl.summarize(model, (32, 32, 3)))            # Keras-style table
+  dataset = jdl.load_dataset("shapes", num_train=5000)
+  state, results = jdl.fit(jdl.TrainConfig(dataset="shapes", model="cnn", epochs=5), dataset)
+
+Submodules: activations, losses, metrics, optim (optimizers and schedules by
+name), models, data, train, checkpoint, summary, gd and xor (the course notes'
+gradient-descent and numpy-network examples).
+"""
+from jdl import activations, config, data, losses, metrics, models, optim, summary, train  # noqa: F401
+from jdl.config import TrainConfig  # noqa: F401
+from jdl.data import Dataset, load_dataset  # noqa: F401
+from jdl.errors import CheckpointError, ConfigError, DataError, JdlError  # noqa: F401
+from jdl.models import MODELS, build_model  # noqa: F401
+from jdl.summary import summarize  # noqa: F401
+from jdl.train import TrainState, create_train_state, eval_step, fit, train_step  # noqa: F401
+
+__version__ = "0.1.0"

@@ -33,7 +33,13 @@ def _base_type(annotation):
 
 
 def define_flags(config_cls, skip: Sequence[str] = ()) -> None:
-  """Defines one absl flag per dataclass field of `config_cls`."""
+  """Defines one absl flag per dataclass field of `config_cls`.
+
+  The flags are registered as the calling module's, so `--help` on an
+  entrypoint lists them (absl shows only the main module's flags there).
+  """
+  caller = sys._getframe(1).f_globals.get("__name__", "")
+  module_name = sys.argv[0] if caller == "__main__" else caller
   for field in dataclasses.fields(config_cls):
     if field.name in skip or field.name in FLAGS:
       continue
@@ -41,15 +47,15 @@ def define_flags(config_cls, skip: Sequence[str] = ()) -> None:
     help_text = field.metadata.get("help", field.name)
     default = field.default
     if kind is bool:
-      flags.DEFINE_boolean(field.name, default, help_text)
+      flags.DEFINE_boolean(field.name, default, help_text, module_name=module_name)
     elif kind is int:
-      flags.DEFINE_integer(field.name, default, help_text)
+      flags.DEFINE_integer(field.name, default, help_text, module_name=module_name)
     elif kind is float:
-      flags.DEFINE_float(field.name, default, help_text)
+      flags.DEFINE_float(field.name, default, help_text, module_name=module_name)
     elif kind is tuple:
-      flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+      flags.DEFINE_list(field.name, [str(v) for v in default], help_text, module_name=module_name)
     else:
-      flags.DEFINE_string(field.name, default, help_text)
+      flags.DEFINE_string(field.name, default, help_text, module_name=module_name)
 
 
 def config_from_flags(config_cls, preset: str = "", apply_preset=None):

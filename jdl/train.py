@@ -15,6 +15,7 @@ step s uses fold_in(step_key, s) and epoch e's order uses fold_in(data_key, e),
 so a resumed run replays exactly the batches and dropout masks it would have
 seen without the interruption.
 """
+import collections
 import dataclasses
 import functools
 import math
@@ -44,6 +45,9 @@ from jdl.summary import summarize
 # (0.37 s vs 2.9 s for one normal draw of (128, 32, 32, 16); BUILD_NOTES.md),
 # which is most of the time to first step of a small model.
 PRNG_IMPL = "rbg"
+# Steps the host may dispatch ahead of the device. Two keep the device busy
+# while the progress bar, throughput and ETA track finished work.
+PIPELINE_DEPTH = 2
 
 
 class TrainState(train_state.TrainState):
@@ -158,9 +162,11 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5):
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
-  (state, sums), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,)} on
+  (state, sums, done), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,)} on
   the device, `order` the epoch's permutation, `index` the step within the
   epoch and `sums` running sums of the step metrics (fetched only at log points).
+  `done` is a scalar that is not donated onwards: the loop waits on it a couple
+  of steps behind, so the progress bar counts finished steps, not queued ones.
   """
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   step_fn = functools.partial(train_step, label_smoothing=config.label_smoothing,
@@ -175,7 +181,7 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5):
     if config.augment:
       images = pipeline.augment(aug_key, images)
     state, step_metrics = step_fn(state, (images, labels), dropout_key)
-    return state, jax.tree.map(jnp.add, sums, step_metrics)
+    return state, jax.tree.map(jnp.add, sums, step_metrics), step_metrics["loss"]
 
   return train_fn
 
@@ -335,14 +341,19 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
     with tqdm(total=steps_per_epoch * config.batch_size, unit="ex", unit_scale=True,
               desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False,
               file=sys.stderr, mininterval=0.5) as bar:
+      in_flight = collections.deque()  # `done` scalars of dispatched steps
       for index in range(steps_per_epoch):
-        state, sums = train_fn(state, sums, data, order, index, step_key)
+        state, sums, done = train_fn(state, sums, data, order, index, step_key)
         if compile_s is None:
           jax.block_until_ready(sums)  # Once: separates compile time from step time.
           compile_s = time.time() - epoch_start
-        bar.update(config.batch_size)
+        in_flight.append(done)
+        if len(in_flight) > PIPELINE_DEPTH:  # Dispatch stays this many steps ahead.
+          in_flight.popleft().block_until_ready()
+          bar.update(config.batch_size)
         if (index + 1) % config.log_every == 0:
           bar.set_postfix(loss=f"{float(sums['loss']) / (index + 1):.4f}")
+      bar.update(len(in_flight) * config.batch_size)
     sums = jax.device_get(sums)
     epoch_time = time.time() - epoch_start
     step = int(state.step)
