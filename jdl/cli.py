@@ -9,6 +9,7 @@
   second run of the same configuration skips most of its compile time.
 """
 import dataclasses
+import functools
 import os
 import sys
 import typing
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 from absl import app, flags, logging
 
-from jdl.errors import JdlError
+from jdl.errors import Interrupted, JdlError
 
 FLAGS = flags.FLAGS
 
@@ -89,27 +90,66 @@ def enable_compilation_cache(path: Optional[str] = None) -> str:
   return path
 
 
+def _deterministic_gpu() -> None:
+  """Makes XLA:GPU pick deterministic kernels (scatter, reductions); slower.
+
+  Must run before JAX starts its backend, which is why it is a flag of `run`
+  and not a config field. CPU runs are bit-reproducible without it.
+  """
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+  os.environ["TF_CUDNN_DETERMINISTIC"] = "1"
+
+
+def define_common_flags() -> None:
+  """Flags every entrypoint has: --deterministic (see `_deterministic_gpu`)."""
+  if "deterministic" not in FLAGS:
+    flags.DEFINE_boolean("deterministic", False,
+                         "GPU: deterministic XLA kernels (--xla_gpu_deterministic_ops), "
+                         "bit-identical reruns at some speed cost; CPU runs are deterministic anyway",
+                         module_name=sys.argv[0])
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag (unknown name, wrong type) as one line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def call(main, argv) -> None:
+  """Calls an absl `main(argv)` after parsing, turning user errors into one line.
+
+  JdlError -> `error: ...` on stderr, exit 2; Interrupted (a checkpoint was
+  saved on SIGTERM/SIGINT) -> its message, exit 128 + signal.
+  """
+  if FLAGS.deterministic:
+    _deterministic_gpu()
+  if not FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint at INFO and TFDS warns about empty data
+    # dirs it is only probing; keep the console for progress and jdl's own
+    # messages. --verbosity=0 brings them back.
+    logging.set_verbosity(logging.ERROR)
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {' '.join(argv[1:])} (flags look like --name=value)",
+          file=sys.stderr)
+    sys.exit(2)
+  try:
+    return main(argv)
+  except Interrupted as e:  # A checkpoint was saved; not an error.
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_code)
+  except JdlError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:  # A second Ctrl-C, or one outside the training loop.
+    print("interrupted; rerun with the same --workdir to resume from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(130)
+
+
 def run(main) -> None:
-  """absl's app.run, with JdlError printed as one line and exit status 2."""
-
-  def guarded(argv):
-    if not FLAGS["verbosity"].present:
-      # Orbax logs every checkpoint at INFO and TFDS warns about empty data
-      # dirs it is only probing; keep the console for progress and jdl's own
-      # messages. --verbosity=0 brings them back.
-      logging.set_verbosity(logging.ERROR)
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {' '.join(argv[1:])} (flags look like --name=value)",
-            file=sys.stderr)
-      sys.exit(2)
-    try:
-      return main(argv)
-    except JdlError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except KeyboardInterrupt:
-      print("interrupted; rerun with the same --workdir to resume from the last checkpoint",
-            file=sys.stderr)
-      sys.exit(130)
-
-  app.run(guarded)
+  """absl's app.run with one-line errors for bad flags and user errors (see `call`)."""
+  define_common_flags()
+  app.run(functools.partial(call, main), flags_parser=parse_flags)

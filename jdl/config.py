@@ -50,6 +50,8 @@ class TrainConfig:
   epochs: int = _field(10, "passes over the training split")
   batch_size: int = _field(128, "examples per training step")
   early_stopping_patience: int = _field(0, "stop after this many epochs without a better validation accuracy (0: off)")
+  nan_policy: str = _field("stop", "on a non-finite loss or gradient: stop (with a message naming the step) "
+                           "or skip (leave the state unchanged for that step and count it)")
   # --- run ---
   seed: int = _field(0, "seed of initialisation, data order, augmentation and dropout")
   workdir: Optional[str] = _field(None, "checkpoints, metrics and plots go here; rerunning resumes (default runs/DATASET-MODEL-seedS)")
@@ -132,6 +134,8 @@ def validate(config: TrainConfig) -> None:
   check(config.boundary_scale > 0, f"boundary_scale must be > 0, got {config.boundary_scale}")
   check(all(0.0 < b < 1.0 for b in config.boundaries) and list(config.boundaries) == sorted(config.boundaries),
         f"boundaries must be increasing fractions in (0, 1), got {list(config.boundaries)}")
+  check(config.nan_policy in ("stop", "skip"),
+        f"nan_policy must be stop or skip, got {config.nan_policy!r}")
   check(config.precision in ("float32", "bfloat16"),
         f"precision must be float32 or bfloat16, got {config.precision!r}")
   check(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")

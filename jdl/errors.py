@@ -21,3 +21,21 @@ class DataError(JdlError):
 
 class CheckpointError(JdlError):
   """A checkpoint that is damaged or does not fit the model."""
+
+
+class TrainingError(JdlError):
+  """Training cannot go on, e.g. a non-finite loss under --nan_policy=stop."""
+
+
+class Interrupted(JdlError):
+  """The run was stopped by a signal after saving a checkpoint to resume from.
+
+  Arguments:
+    message: what happened and how to continue.
+    signum: the signal number; the process exit status is 128 + signum, as a
+      shell reports a process killed by that signal.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum

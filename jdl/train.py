@@ -20,9 +20,11 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from flax.training import train_state
 from jdl import checkpoint, losses, metrics as metrics_lib, optim
 from jdl.config import TrainConfig, default_workdir, validate
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
-from jdl.errors import ConfigError
+from jdl.errors import ConfigError, Interrupted, TrainingError
 from jdl.logs import MetricWriter, write_json
 from jdl.models import build_model
 from jdl.plots import plot_learning_curves
@@ -107,6 +109,12 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
                l1: float = 0.0, l2: float = 0.0, top_k: int = 5):
   """One gradient step on a batch. Pure: jit it, vmap it, scan it.
 
+  A step whose loss or gradients are not finite changes nothing but the step
+  counter: parameters, BatchNorm statistics and optimizer state stay as they
+  were, and `metrics['skipped']` is 1. (The loop then stops or counts, as
+  --nan_policy says.) The check is two `isfinite` reductions and a select per
+  leaf, cheap next to the step.
+
   Arguments:
     state: the TrainState.
     batch: (images (B, H, W, C) float, labels (B,) int32).
@@ -114,7 +122,9 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
     label_smoothing, l1, l2: loss terms (see jdl.losses); static.
     top_k: also report top-k accuracy when there are more than k classes.
   Returns:
-    (new state, metrics dict of scalars: loss, accuracy, [top5,] grad_norm).
+    (new state, metrics dict of scalars: loss, accuracy, [top5,] grad_norm,
+    loss_finite, skipped). Metrics of a skipped step are those of the failed
+    attempt (so they show what went wrong).
   """
   images, labels = batch
 
@@ -130,11 +140,19 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
       loss = loss + l2 * losses.l2_penalty(params)
     return loss, (logits, updates, data_loss)
 
-  (_, (logits, updates, data_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+  (loss, (logits, updates, data_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=updates.get("batch_stats", state.batch_stats))
+  grad_norm = optax.global_norm(grads)
+  loss_finite = jnp.isfinite(loss)
+  ok = loss_finite & jnp.isfinite(grad_norm)
+  state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+  state = state.replace(step=new_state.step)  # Counts batches seen, skipped or not.
   metrics = {"loss": data_loss,
              "accuracy": metrics_lib.accuracy(logits, labels).mean(),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": grad_norm,
+             "loss_finite": loss_finite.astype(jnp.float32),
+             "skipped": 1.0 - ok.astype(jnp.float32)}
   if logits.shape[-1] > top_k:
     metrics[f"top{top_k}"] = metrics_lib.top_k_accuracy(logits, labels, top_k).mean()
   return state, metrics
@@ -162,11 +180,14 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5):
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
-  (state, sums, done), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,)} on
+  (state, sums, status), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,)} on
   the device, `order` the epoch's permutation, `index` the step within the
-  epoch and `sums` running sums of the step metrics (fetched only at log points).
-  `done` is a scalar that is not donated onwards: the loop waits on it a couple
-  of steps behind, so the progress bar counts finished steps, not queued ones.
+  epoch and `sums` running sums of the step metrics over the steps that were
+  not skipped, plus the count of skipped ones (fetched only at log points).
+  `status` is an int32 scalar, 0 for a good step, 1 for a non-finite loss and
+  2 for finite loss but non-finite gradients. It is not donated onwards: the
+  loop waits on it a couple of steps behind, so the progress bar counts
+  finished steps and a bad step is noticed without a sync per step.
   """
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   step_fn = functools.partial(train_step, label_smoothing=config.label_smoothing,
@@ -181,7 +202,13 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5):
     if config.augment:
       images = pipeline.augment(aug_key, images)
     state, step_metrics = step_fn(state, (images, labels), dropout_key)
-    return state, jax.tree.map(jnp.add, sums, step_metrics), step_metrics["loss"]
+    skipped = step_metrics.pop("skipped")
+    loss_finite = step_metrics.pop("loss_finite")
+    status = jnp.where(skipped > 0, jnp.where(loss_finite > 0, 2, 1), 0).astype(jnp.int32)
+    sums = {name: sums[name] + (skipped if name == "skipped" else
+                                jnp.where(skipped > 0, 0.0, step_metrics[name]))
+            for name in sums}
+    return state, sums, status
 
   return train_fn
 
@@ -217,7 +244,7 @@ def batch_for_eval(split, batch_size: int):
 def metric_names(num_classes: int, train: bool, top_k: int = 5):
   """The keys of train_step's metrics (train) or eval_step's sums (not train)."""
   names = ["loss", "accuracy"] + ([f"top{top_k}"] if num_classes > top_k else [])
-  return names + (["grad_norm"] if train else ["count"])
+  return names + (["grad_norm", "skipped"] if train else ["count"])
 
 
 def zero_sums(names):
@@ -239,10 +266,16 @@ def evaluate(eval_fn, state: TrainState, batched, num_classes: int) -> Dict[str,
 # The loop.
 # ----------------------------------------------------------------------------
 
-def prepare_workdir(config: TrainConfig) -> str:
-  """Creates the workdir, refusing one that is unwritable or holds another run."""
+def prepare_workdir(config: TrainConfig) -> Tuple[str, bool]:
+  """Creates the workdir, refusing one that is unwritable or holds another run.
+
+  Returns (workdir, created): `created` is True when the directory did not
+  exist, so that a run failing before it writes anything can remove it again.
+  The config is written later, by `fit`, once the data has loaded.
+  """
   import json
   workdir = config.workdir or default_workdir(config)
+  created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, ".write_test")
@@ -252,16 +285,66 @@ def prepare_workdir(config: TrainConfig) -> str:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+    try:
+      with open(path) as f:
+        previous = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"workdir {workdir} has an unreadable config.json ({e}); "
+                        "use another --workdir") from None
     for key in ("model", "dataset"):
       if previous.get(key) != getattr(config, key):
         raise ConfigError(
             f"workdir {workdir} holds a run of model {previous.get('model')!r} on "
             f"{previous.get('dataset')!r}, not {config.model!r} on {config.dataset!r}; "
             "use another --workdir")
-  write_json(path, dataclasses.asdict(config))
-  return workdir
+  return workdir, created
+
+
+def _check_step(step: int, status, nan_policy: str, epoch: int, workdir: str) -> None:
+  """Waits for a dispatched step; under nan_policy 'stop' raises on a bad one."""
+  status = int(status)  # Blocks until that step has run.
+  if status and nan_policy == "stop":
+    what = "loss" if status == 1 else "gradients (the loss was finite)"
+    raise TrainingError(
+        f"non-finite {what} at step {step} (epoch {epoch}); the update was not applied and the "
+        f"last checkpoint in {workdir} is unaffected. Lower --learning_rate, set --clip_norm, "
+        "or pass --nan_policy=skip to skip such steps")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+class StopSignals:
+  """Turns SIGTERM and SIGINT into a request the loop honours between steps.
+
+  The loop checkpoints the step it has reached and raises `Interrupted`, so a
+  preempted or Ctrl-C'd run loses nothing. A second SIGINT stops at once
+  (KeyboardInterrupt). Outside the main thread signals cannot be caught, and
+  this does nothing.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    return False
 
 
 def _format_row(row: Dict[str, float]) -> str:
@@ -289,18 +372,24 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   from tqdm import tqdm
   start_time = time.time()
   validate(config)
-  workdir = prepare_workdir(config)
+  workdir, created = prepare_workdir(config)
 
   # --- Input: the whole dataset on the device. ---
-  if dataset is None:
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir,
-                           num_train=config.num_train or None, num_test=config.num_test or None,
-                           seed=config.seed, download=config.download)
-  train, val = split_validation(dataset.train, config.validation_fraction, config.seed)
-  num_train, num_classes = len(train[1]), dataset.num_classes
-  if config.batch_size > num_train:
-    raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
-                      f"({num_train} examples after holding out validation)")
+  try:
+    if dataset is None:
+      dataset = load_dataset(config.dataset, data_dir=config.data_dir,
+                             num_train=config.num_train or None, num_test=config.num_test or None,
+                             seed=config.seed, download=config.download)
+    train, val = split_validation(dataset.train, config.validation_fraction, config.seed)
+    num_train, num_classes = len(train[1]), dataset.num_classes
+    if config.batch_size > num_train:
+      raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
+                        f"({num_train} examples after holding out validation)")
+  except BaseException:
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)  # Leave no empty run directory behind a failed start.
+    raise
+  write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
   steps_per_epoch = num_train // config.batch_size  # The remainder is dropped; order changes every epoch.
   mean, std = pipeline.channel_stats(train[0])
   data = jax.device_put({"images": train[0], "labels": train[1]})
@@ -318,12 +407,18 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
 
   # --- Checkpoints: resume if the workdir has one. ---
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  meta = {"epoch": 0, "best_val_accuracy": None, "best_epoch": 0, "epochs_since_best": 0,
-          "stopped_early": False, "train_time_s": 0.0}
-  restored = checkpoint.Checkpoints.restore(ckpts.latest, state)
+  # Loop bookkeeping saved with every checkpoint. `epoch` counts completed
+  # epochs; a checkpoint taken inside an epoch (on SIGTERM/SIGINT) also holds
+  # how many steps of the next epoch are done and their metric sums.
+  meta = {"epoch": 0, "step_in_epoch": 0, "partial_sums": None, "best_val_accuracy": None,
+          "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False, "train_time_s": 0.0}
+  restored = ckpts.restore_latest(state)
   if restored is not None:
-    state, meta = restored
-    log(f"Resuming from {workdir}: epoch {meta['epoch']} done, step {int(state.step)}")
+    state, saved = restored
+    meta.update(saved)
+    where = f"epoch {meta['epoch']} done" + (
+        f" and {meta['step_in_epoch']} steps of epoch {meta['epoch'] + 1}" if meta["step_in_epoch"] else "")
+    log(f"Resuming from {workdir}: {where}, step {int(state.step)}")
   writer = MetricWriter(workdir, meta["epoch"])
 
   # --- Training loop: one jitted step per batch, metrics fetched at log points. ---
@@ -331,57 +426,83 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   eval_fn = make_eval_fn(config, mean, std)
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
   compile_s = None
-  first_epoch = meta["epoch"] + 1
-  for epoch in range(first_epoch, config.epochs + 1):
-    if meta["stopped_early"]:
-      break
-    epoch_start = time.time()
-    order = order_fn(data_key, epoch, num_train)
-    sums = zero_sums(metric_names(num_classes, train=True))
-    with tqdm(total=steps_per_epoch * config.batch_size, unit="ex", unit_scale=True,
-              desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False,
-              file=sys.stderr, mininterval=0.5) as bar:
-      in_flight = collections.deque()  # `done` scalars of dispatched steps
-      for index in range(steps_per_epoch):
-        state, sums, done = train_fn(state, sums, data, order, index, step_key)
-        if compile_s is None:
-          jax.block_until_ready(sums)  # Once: separates compile time from step time.
-          compile_s = time.time() - epoch_start
-        in_flight.append(done)
-        if len(in_flight) > PIPELINE_DEPTH:  # Dispatch stays this many steps ahead.
-          in_flight.popleft().block_until_ready()
-          bar.update(config.batch_size)
-        if (index + 1) % config.log_every == 0:
-          bar.set_postfix(loss=f"{float(sums['loss']) / (index + 1):.4f}")
-      bar.update(len(in_flight) * config.batch_size)
-    sums = jax.device_get(sums)
-    epoch_time = time.time() - epoch_start
-    step = int(state.step)
-    row = {f"train_{k}": float(v) / steps_per_epoch for k, v in sums.items()}
-    row.update(learning_rate=float(schedule(step)), epoch_time_s=epoch_time,
-               examples_per_s=steps_per_epoch * config.batch_size / epoch_time)
-    if val_batched is not None:
-      row.update({f"val_{k}": v for k, v in evaluate(eval_fn, state, val_batched, num_classes).items()})
-      improved = meta["best_val_accuracy"] is None or row["val_accuracy"] > meta["best_val_accuracy"]
-      if improved:
-        meta.update(best_val_accuracy=row["val_accuracy"], best_epoch=epoch, epochs_since_best=0)
-      else:
-        meta["epochs_since_best"] += 1
-    meta["epoch"] = epoch
-    meta["train_time_s"] += time.time() - epoch_start
-    patience = config.early_stopping_patience
-    meta["stopped_early"] = bool(patience and meta["epochs_since_best"] >= patience)
-    writer.write(step, epoch, row)
-    checkpoint.Checkpoints.save(ckpts.latest, step, state, meta)
-    if val_batched is not None and meta["best_epoch"] == epoch:
-      checkpoint.Checkpoints.save(ckpts.best, step, state, meta)
-    log(f"epoch {epoch}/{config.epochs}  {_format_row(row)}")
-    if meta["stopped_early"]:
-      log(f"Early stopping: no better validation accuracy for {patience} epochs "
-          f"(best {meta['best_val_accuracy']:.2%} at epoch {meta['best_epoch']})")
+  with StopSignals() as stop:
+    for epoch in range(meta["epoch"] + 1, config.epochs + 1):
+      if meta["stopped_early"]:
+        break
+      epoch_start = time.time()
+      first_index = meta["step_in_epoch"]  # > 0 only when resuming inside this epoch
+      order = order_fn(data_key, epoch, num_train)
+      sums = zero_sums(metric_names(num_classes, train=True))
+      if meta["partial_sums"]:
+        sums = {k: jnp.asarray(meta["partial_sums"][k], jnp.float32) for k in sums}
+      with tqdm(total=steps_per_epoch * config.batch_size, initial=first_index * config.batch_size,
+                unit="ex", unit_scale=True, desc=f"epoch {epoch}/{config.epochs}",
+                disable=not progress, leave=False, file=sys.stderr, mininterval=0.5) as bar:
+        in_flight = collections.deque()  # (step number, status) of dispatched steps
+        for index in range(first_index, steps_per_epoch):
+          state, sums, status = train_fn(state, sums, data, order, index, step_key)
+          if compile_s is None:
+            jax.block_until_ready(sums)  # Once: separates compile time from step time.
+            compile_s = time.time() - epoch_start
+          in_flight.append((int(state.step), status))
+          while in_flight and (len(in_flight) > PIPELINE_DEPTH or stop.signum
+                               or index + 1 == steps_per_epoch):
+            _check_step(*in_flight.popleft(), config.nan_policy, epoch, workdir)
+            bar.update(config.batch_size)
+          if (index + 1) % config.log_every == 0:
+            bar.set_postfix(loss=f"{float(sums['loss']) / max(index + 1 - float(sums['skipped']), 1):.4f}")
+          if stop.signum and index + 1 < steps_per_epoch:
+            meta.update(step_in_epoch=index + 1,
+                        partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
+            meta["train_time_s"] += time.time() - epoch_start
+            ckpts.save_latest(int(state.step), state, meta)
+            raise Interrupted(
+                f"stopped by {signal.Signals(stop.signum).name} at step {int(state.step)} (epoch {epoch}, "
+                f"step {index + 1} of {steps_per_epoch}); checkpoint saved in {workdir}; "
+                "rerun the same command to continue", stop.signum)
+      sums = jax.device_get(sums)
+      epoch_time = time.time() - epoch_start
+      step = int(state.step)
+      skipped = float(sums.pop("skipped"))
+      good_steps = max(steps_per_epoch - skipped, 1)
+      row = {f"train_{k}": float(v) / good_steps for k, v in sums.items()}
+      row.update(learning_rate=float(schedule(step)), epoch_time_s=epoch_time,
+                 examples_per_s=(steps_per_epoch - first_index) * config.batch_size / epoch_time)
+      if config.nan_policy == "skip":
+        row["train_skipped_steps"] = skipped
+      finite = _all_finite(state.params)
+      if val_batched is not None:
+        row.update({f"val_{k}": v for k, v in evaluate(eval_fn, state, val_batched, num_classes).items()})
+        # A model with non-finite parameters or validation loss is never the best.
+        improved = finite and math.isfinite(row["val_loss"]) and (
+            meta["best_val_accuracy"] is None or row["val_accuracy"] > meta["best_val_accuracy"])
+        if improved:
+          meta.update(best_val_accuracy=row["val_accuracy"], best_epoch=epoch, epochs_since_best=0)
+        else:
+          meta["epochs_since_best"] += 1
+      meta.update(epoch=epoch, step_in_epoch=0, partial_sums=None)
+      meta["train_time_s"] += time.time() - epoch_start
+      patience = config.early_stopping_patience
+      meta["stopped_early"] = bool(patience and meta["epochs_since_best"] >= patience)
+      writer.write(step, epoch, row)
+      # Best before latest: a run killed between the two redoes this epoch on
+      # resume (the latest still points before it) and saves both again, so the
+      # latest checkpoint never claims a best that is not on disk.
+      if val_batched is not None and meta["best_epoch"] == epoch:
+        ckpts.save_best(step, state, meta)
+      ckpts.save_latest(step, state, meta)
+      log(f"epoch {epoch}/{config.epochs}  {_format_row(row)}")
+      if meta["stopped_early"]:
+        log(f"Early stopping: no better validation accuracy for {patience} epochs "
+            f"(best {meta['best_val_accuracy']:.2%} at epoch {meta['best_epoch']})")
+      if stop.signum and epoch < config.epochs:
+        raise Interrupted(
+            f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch} (step {step}); "
+            f"checkpoint saved in {workdir}; rerun the same command to continue", stop.signum)
 
   # --- Final evaluation of the best parameters on the test split. ---
-  best = checkpoint.Checkpoints.restore(ckpts.best, state) if val_batched is not None else None
+  best = ckpts.restore_best(state) if val_batched is not None else None
   final_state = best[0] if best is not None else state
   test = evaluate(eval_fn, final_state, test_batched, num_classes)
   writer.close()
