@@ -33,8 +33,14 @@ def _base_type(annotation):
   return annotation
 
 
-def define_flags(config_cls, skip: Sequence[str] = ()) -> None:
+def define_flags(config_cls, skip: Sequence[str] = (), defaults: Optional[dict] = None) -> None:
   """Defines one absl flag per dataclass field of `config_cls`.
+
+  Arguments:
+    config_cls: the config dataclass.
+    skip: fields that get no flag.
+    defaults: flag defaults that differ from the dataclass's (e.g. another
+      default dataset for another experiment).
 
   The flags are registered as the calling module's, so `--help` on an
   entrypoint lists them (absl shows only the main module's flags there).
@@ -46,7 +52,7 @@ def define_flags(config_cls, skip: Sequence[str] = ()) -> None:
       continue
     kind = _base_type(field.type)
     help_text = field.metadata.get("help", field.name)
-    default = field.default
+    default = (defaults or {}).get(field.name, field.default)
     if kind is bool:
       flags.DEFINE_boolean(field.name, default, help_text, module_name=module_name)
     elif kind is int:

@@ -31,6 +31,9 @@ class TrainConfig:
   model: str = _field("cnn", "model name (see jdl.models.MODELS)")
   activation: Optional[str] = _field(None, "hidden activation by name (model default if unset)")
   dropout: Optional[float] = _field(None, "dropout rate in [0, 1) (model default if unset)")
+  hidden_size: Optional[int] = _field(None, "recurrent models: units per layer and direction (model default if unset)")
+  num_layers: Optional[int] = _field(None, "recurrent models: stacked layers (model default if unset)")
+  bidirectional: Optional[bool] = _field(None, "recurrent models: also read the sequence backwards (model default if unset)")
   precision: str = _field("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
   # --- optimisation ---
   optimizer: str = _field("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
@@ -106,7 +109,7 @@ def validate(config: TrainConfig) -> None:
   if config.activation is not None:
     activations.ACTIVATIONS.lookup(config.activation)
   fields = models.model_fields(config.model)
-  for name in ("activation", "dropout"):
+  for name in ("activation", "dropout", "hidden_size", "num_layers", "bidirectional"):
     if getattr(config, name) is not None and name not in fields:
       raise ConfigError(f"--{name} does not apply to model {config.model!r} (it has no {name})")
 
@@ -118,6 +121,9 @@ def validate(config: TrainConfig) -> None:
   check(finite(config.learning_rate) and config.learning_rate > 0,
         f"learning_rate must be > 0, got {config.learning_rate}")
   check(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+  for name in ("hidden_size", "num_layers"):
+    value = getattr(config, name)
+    check(value is None or value >= 1, f"{name} must be >= 1, got {value}")
   check(config.epochs >= 0, f"epochs must be >= 0, got {config.epochs}")
   check(config.dropout is None or 0.0 <= config.dropout < 1.0,
         f"dropout must be in [0, 1), got {config.dropout}")

@@ -67,8 +67,9 @@ def build_classifier(config: TrainConfig, num_classes: int):
                "dtype": jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32}
   if config.activation is not None:
     overrides["activation"] = config.activation
-  if config.dropout is not None:
-    overrides["dropout"] = config.dropout
+  for name in ("dropout", "hidden_size", "num_layers", "bidirectional"):
+    if getattr(config, name) is not None:
+      overrides[name] = getattr(config, name)
   return build_model(config.model, **overrides)
 
 
@@ -86,10 +87,10 @@ def build_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int)
   return tx, schedule
 
 
-def create_train_state(model, image_shape, tx, rng) -> TrainState:
-  """Initialises parameters (and BatchNorm statistics) for (1, *image_shape) inputs."""
+def create_train_state(model, input_shape, tx, rng) -> TrainState:
+  """Initialises parameters (and BatchNorm statistics) for (1, *input_shape) inputs."""
   init = jax.jit(functools.partial(model.init, train=False))
-  variables = init({"params": rng}, jnp.zeros((1, *image_shape), jnp.float32))
+  variables = init({"params": rng}, jnp.zeros((1, *input_shape), jnp.float32))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats"))
 
@@ -382,6 +383,9 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
                              seed=config.seed, download=config.download)
     train, val = split_validation(dataset.train, config.validation_fraction, config.seed)
     num_train, num_classes = len(train[1]), dataset.num_classes
+    if config.augment and len(dataset.input_shape) != 3:
+      raise ConfigError(f"--augment needs images (H, W, C); {dataset.name} has inputs of shape "
+                        f"{dataset.input_shape}")
     if config.batch_size > num_train:
       raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
                         f"({num_train} examples after holding out validation)")
@@ -399,11 +403,11 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
 
   # --- Model, optimizer and state. ---
   model = build_classifier(config, num_classes)
-  summary = summarize(model, dataset.image_shape)
-  log(f"Model {config.model} on {dataset.name} {dataset.image_shape}, {num_classes} classes\n{summary}")
+  summary = summarize(model, dataset.input_shape)
+  log(f"Model {config.model} on {dataset.name} {dataset.input_shape}, {num_classes} classes\n{summary}")
   tx, schedule = build_optimizer(config, steps_per_epoch * config.epochs, steps_per_epoch)
   init_key, data_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL), 3)
-  state = create_train_state(model, dataset.image_shape, tx, init_key)
+  state = create_train_state(model, dataset.input_shape, tx, init_key)
 
   # --- Checkpoints: resume if the workdir has one. ---
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)

@@ -19,7 +19,7 @@ cli.define_common_flags()
 
 CASES = [
     # Unknown names list the valid ones.
-    (["--model=resnet99"], "unknown model 'resnet99'; choose one of: cnn, fastnet"),
+    (["--model=resnet99"], "unknown model 'resnet99'; choose one of: cnn, "),
     (["--optimizer=adamax"], "unknown optimizer 'adamax'; choose one of: adagrad, adam"),
     (["--schedule=sawtooth"], "unknown schedule 'sawtooth'; choose one of: constant"),
     (["--activation=swish2"], "unknown activation 'swish2'; choose one of: elu, gelu"),
@@ -44,9 +44,12 @@ CASES = [
     (["--decay_rate=0"], "decay_rate must be > 0"),
     (["--boundaries=0.8,0.2"], "boundaries must be increasing fractions in (0, 1)"),
     (["--keep_checkpoints=0"], "keep_checkpoints must be >= 1"),
+    (["--model=gru", "--hidden_size=0"], "hidden_size must be >= 1"),
     # Contradictory combinations.
     (["--early_stopping_patience=2", "--validation_fraction=0"], "early_stopping_patience needs a validation split"),
     (["--model=resnet20", "--dropout=0.3"], "--dropout does not apply to model 'resnet20'"),
+    (["--num_layers=2"], "--num_layers does not apply to model 'cnn'"),
+    (["--augment", "--dataset=mnist1d", "--model=cnn1d"], "--augment needs images (H, W, C); mnist1d"),
     # Malformed command lines.
     (["--epochs=ten"], "flag --epochs=ten: invalid literal for int()"),
     (["--boundaries=half"], "--boundaries must be a comma-separated list of numbers"),

@@ -13,7 +13,9 @@ import numpy as np
 
 from jdl.errors import ConfigError
 
-Split = Tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W, C), labels int32 (N,)
+# inputs (N, ...) -- uint8 images (N, H, W, C) or float32 sequences (N, T, F) --
+# and int32 labels (N,).
+Split = Tuple[np.ndarray, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -34,8 +36,11 @@ class Dataset:
   class_names: Tuple[str, ...]
 
   @property
-  def image_shape(self) -> Tuple[int, ...]:
+  def input_shape(self) -> Tuple[int, ...]:
+    """One example's shape: (H, W, C) for images, (T, F) for sequences."""
     return tuple(self.train[0].shape[1:])
+
+  image_shape = input_shape  # The name the image experiments read best with.
 
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None,
@@ -44,8 +49,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   """Loads a dataset by name into host memory.
 
   Arguments:
-    name: 'shapes' (built in, offline) or a TFDS image-classification name
-      (cifar10, cifar100, mnist, fashion_mnist, ...).
+    name: 'shapes' (built in, offline), 'mnist1d' (sequences, made locally)
+      or a TFDS image-classification name (cifar10, cifar100, mnist, ...).
     data_dir: where TFDS looks for prepared data (TFDS's default when None).
     num_train: for `shapes`, how many training images to generate; for TFDS,
       keep only the first `num_train` training examples. None: all / default.
@@ -58,8 +63,13 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
     splits = shapes.load(num_train=num_train or 10_000, num_test=num_test or 2_000, seed=seed)
     return Dataset("shapes", splits["train"], splits["test"], len(shapes.CLASS_NAMES),
                    tuple(shapes.CLASS_NAMES))
-  from jdl.data import tfds_source
-  dataset = tfds_source.load(name, data_dir=data_dir, download=download)
+  if name == "mnist1d":
+    from jdl.data import mnist1d
+    splits = mnist1d.load()  # The standard dataset whatever the run's seed.
+    dataset = Dataset("mnist1d", splits["train"], splits["test"], 10, mnist1d.CLASS_NAMES)
+  else:
+    from jdl.data import tfds_source
+    dataset = tfds_source.load(name, data_dir=data_dir, download=download)
   if num_train:
     dataset.train = tuple(a[:num_train] for a in dataset.train)
   if num_test:

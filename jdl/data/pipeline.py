@@ -1,8 +1,9 @@
 """The input pipeline on the device: everything here runs inside jit.
 
-The whole dataset lives on the device as uint8 (N, H, W, C). Each training step
-gathers its batch with indices from a per-epoch permutation, converts it to
-float, normalises it per channel and augments it -- no host work per step.
+The whole dataset lives on the device: uint8 images (N, H, W, C) or float
+sequences (N, T, F). Each training step gathers its batch with indices from a
+per-epoch permutation, converts it to float, normalises it per channel (the
+last axis) and augments images -- no host work per step.
 Randomness comes from keys passed in, so the data order of epoch e and the
 augmentation of step s are pure functions of (seed, e, s): resuming a run
 replays exactly the same batches.
@@ -14,28 +15,44 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std of uint8 images, in [0, 1] units, shape (C,) each.
+def _scale(dtype) -> float:
+  """uint8 pixels are read as x / 255 (in [0, 1]); float inputs as they are."""
+  return 1.0 / 255.0 if np.issubdtype(dtype, np.integer) else 1.0
 
-  Computed on the host once, in float64 chunks so that 50k images cost ~0.1 s
-  and ~no memory.
+
+def channel_stats(inputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-channel (last axis) mean and std, shape (C,) each.
+
+  uint8 images are measured in [0, 1] units (x / 255). Computed on the host
+  once, in float64 chunks, so 50k images cost ~0.1 s and ~no memory.
+
+  Arguments:
+    inputs: (N, ..., C) uint8 images or float sequences.
   """
-  total = np.zeros(images.shape[-1])
-  total_sq = np.zeros(images.shape[-1])
-  for start in range(0, len(images), 4096):
-    chunk = images[start:start + 4096].astype(np.float64) / 255.0
-    total += chunk.sum(axis=(0, 1, 2))
-    total_sq += (chunk ** 2).sum(axis=(0, 1, 2))
-  count = images.shape[0] * images.shape[1] * images.shape[2]
+  scale = _scale(inputs.dtype)
+  total = np.zeros(inputs.shape[-1])
+  total_sq = np.zeros(inputs.shape[-1])
+  axes = tuple(range(inputs.ndim - 1))
+  for start in range(0, len(inputs), 4096):
+    chunk = inputs[start:start + 4096].astype(np.float64) * scale
+    total += chunk.sum(axis=axes)
+    total_sq += (chunk ** 2).sum(axis=axes)
+  count = inputs.size // inputs.shape[-1]
   mean = total / count
   std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
   return mean.astype(np.float32), std.astype(np.float32)
 
 
-def normalize(images, mean, std, dtype=jnp.float32):
-  """uint8 (B, H, W, C) -> (x / 255 - mean) / std in `dtype`."""
-  x = images.astype(jnp.float32) / 255.0
-  mean = jnp.reshape(jnp.asarray(mean, jnp.float32), (1,) * (x.ndim - 1) + (-1,))  # (1, 1, 1, C)
+def normalize(inputs, mean, std, dtype=jnp.float32):
+  """(x * scale - mean) / std in `dtype`, per channel; scale = 1/255 for uint8.
+
+  Arguments:
+    inputs: (B, ..., C) uint8 images or float sequences.
+    mean, std: (C,) from `channel_stats`.
+    dtype: the compute dtype of the result.
+  """
+  x = inputs.astype(jnp.float32) * _scale(inputs.dtype)
+  mean = jnp.reshape(jnp.asarray(mean, jnp.float32), (1,) * (x.ndim - 1) + (-1,))  # (1, ..., C)
   std = jnp.reshape(jnp.asarray(std, jnp.float32), (1,) * (x.ndim - 1) + (-1,))
   return ((x - mean) / std).astype(dtype)
 

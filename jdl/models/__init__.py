@@ -17,6 +17,7 @@ from jdl.errors import ConfigError
 from jdl.registry import Registry
 from jdl.models import layers
 from jdl.models.cnn import CNN, LeNet5
+from jdl.models.cnn1d import CNN1D
 from jdl.models.fastnet import ConvGroup, FastNet
 from jdl.models.mlp import MLP
 from jdl.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet20,
@@ -37,6 +38,9 @@ MODELS.register("resnet18", ResNet18)
 MODELS.register("resnet34", ResNet34)
 MODELS.register("resnet50", ResNet50)
 MODELS.register("fastnet", FastNet)
+# Sequence classifiers (inputs (B, T, F)); mlp works on them too.
+MODELS.register("logistic", functools.partial(MLP, hidden_sizes=(), dropout=0.0))
+MODELS.register("cnn1d", CNN1D)
 
 # Module fields that are Flax plumbing, not hyperparameters.
 _NOT_HYPERPARAMETERS = frozenset({"parent", "name"})
@@ -84,5 +88,5 @@ def build_model(name: str, **overrides) -> nn.Module:
 __all__ = [
     "MODELS", "build_model", "model_fields", "layers",
     "MLP", "CNN", "LeNet5", "VGG", "ResNet", "ResNet18", "ResNet20", "ResNet34",
-    "ResNet50", "BasicBlock", "Bottleneck", "FastNet", "ConvGroup",
+    "ResNet50", "BasicBlock", "Bottleneck", "FastNet", "ConvGroup", "CNN1D",
 ]

@@ -1,0 +1,32 @@
+r"""Sequence classification on MNIST-1D (made locally, offline) with jdl's models.
+
+The published MNIST-1D test accuracies (Greydanus 2020) and the commands that
+reach them here (BUILD_NOTES.md has the measured table):
+  logistic 32%:  python -m experiments.sequence --model=logistic
+  MLP 68%:       python -m experiments.sequence --model=mlp
+  CNN 94%:       python -m experiments.sequence --model=cnn1d
+  GRU 91%:       python -m experiments.sequence --model=gru
+Models: logistic, mlp, cnn1d, rnn, lstm, gru (--hidden_size, --num_layers,
+--bidirectional). Same flags, outputs and resume as experiments.cifar.
+"""
+from absl import flags
+
+from jdl import cli, config as config_lib, train
+
+# MNIST-1D's reference training: Adam 1e-2, batch 100, no augmentation.
+DEFAULTS = dict(dataset="mnist1d", model="gru", learning_rate=1e-2, batch_size=100, epochs=100,
+                schedule="cosine")
+cli.define_flags(config_lib.TrainConfig, defaults=DEFAULTS)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  config = cli.config_from_flags(config_lib.TrainConfig)
+  config_lib.validate(config)  # Before anything loads or compiles.
+  cli.enable_compilation_cache()
+  train.fit(config)
+
+
+if __name__ == "__main__":
+  cli.run(main)
