@@ -20,6 +20,7 @@ from jdl.models.cnn import CNN, LeNet5
 from jdl.models.cnn1d import CNN1D
 from jdl.models.fastnet import ConvGroup, FastNet
 from jdl.models.mlp import MLP
+from jdl.models.rnn import RNN, RNNClassifier, RecurrentLayer, convert_torch_state_dict
 from jdl.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet20,
                                ResNet34, ResNet50)
 from jdl.models.vgg import VGG
@@ -41,6 +42,9 @@ MODELS.register("fastnet", FastNet)
 # Sequence classifiers (inputs (B, T, F)); mlp works on them too.
 MODELS.register("logistic", functools.partial(MLP, hidden_sizes=(), dropout=0.0))
 MODELS.register("cnn1d", CNN1D)
+MODELS.register("rnn", functools.partial(RNNClassifier, cell="rnn"))
+MODELS.register("lstm", functools.partial(RNNClassifier, cell="lstm"))
+MODELS.register("gru", functools.partial(RNNClassifier, cell="gru"))
 
 # Module fields that are Flax plumbing, not hyperparameters.
 _NOT_HYPERPARAMETERS = frozenset({"parent", "name"})
@@ -89,4 +93,5 @@ __all__ = [
     "MODELS", "build_model", "model_fields", "layers",
     "MLP", "CNN", "LeNet5", "VGG", "ResNet", "ResNet18", "ResNet20", "ResNet34",
     "ResNet50", "BasicBlock", "Bottleneck", "FastNet", "ConvGroup", "CNN1D",
+    "RNN", "RNNClassifier", "RecurrentLayer", "convert_torch_state_dict",
 ]

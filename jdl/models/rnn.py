@@ -1,0 +1,369 @@
+"""Recurrent layers (Elman RNN, LSTM, GRU) over `jax.lax.scan`, in PyTorch's layout.
+
+Each layer and direction owns four parameters; G is the number of gate blocks
+(1 for 'rnn', 4 for 'lstm', 3 for 'gru'), H the hidden size, F the layer's input
+width (F for layer 0, D*H above it, D = 2 if bidirectional else 1):
+
+    input_kernel      (F, G*H)   = PyTorch weight_ih_l{k}.T
+    recurrent_kernel  (H, G*H)   = PyTorch weight_hh_l{k}.T
+    input_bias        (G*H,)     = PyTorch bias_ih_l{k}
+    recurrent_bias    (G*H,)     = PyTorch bias_hh_l{k}
+
+The blocks along G*H follow PyTorch's order, so a state dict converts by
+transposing only (`convert_torch_state_dict`). The submodule of layer l is
+'layer{l}', its backward direction 'layer{l}_reverse' (PyTorch's '_reverse').
+With W_i = input_kernel, W_h = recurrent_kernel, b_i, b_h the biases and the
+per-gate slices named by suffix:
+
+    rnn:   h' = act(x W_i + b_i + h W_h + b_h)                 (act = tanh default)
+    lstm:  i, f, g, o = split(x W_i + b_i + h W_h + b_h, 4)
+           c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+           h' = sigmoid(o) * tanh(c')
+    gru:   r = sigmoid(x W_ir + b_ir + h W_hr + b_hr)
+           z = sigmoid(x W_iz + b_iz + h W_hz + b_hz)
+           n = tanh(x W_in + b_in + r * (h W_hn + b_hn))      (PyTorch's GRU: r
+           h' = (1 - z) * n + z * h                             gates h W_hn + b_hn)
+
+Speed: x W_i + b_i for all time steps is one (B*T, F) @ (F, G*H) matmul before
+the scan; each scan step only computes h W_h. Compute runs in `dtype` (the carry
+too), parameters stay float32.
+
+Init (Keras' defaults): input_kernel glorot-uniform, recurrent_kernel orthogonal
+(the whole (H, G*H) matrix), biases zero, except the LSTM forget-gate slice of
+input_bias, which is 1.0 (Keras' unit_forget_bias) so that the cell keeps its
+state early in training. PyTorch instead draws everything from U(-1/sqrt(H), 1/sqrt(H)).
+
+Variable lengths: with `lengths` (B,) given, steps t >= lengths[b] leave the carry
+unchanged (the final state is the state after the last valid step) and output
+zeros. The backward direction reverses each sequence within its own length, so
+it starts at that sequence's last valid step, as PyTorch's packed sequences do.
+"""
+from typing import Any, Callable, Dict, List, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdl import activations
+from jdl.errors import ConfigError
+
+# Gate blocks per cell, in PyTorch's order along the G*H axis.
+GATES = {'rnn': 1, 'lstm': 4, 'gru': 3}
+
+
+def _check_cell(cell: str):
+  if cell not in GATES:
+    raise ConfigError(f"unknown rnn cell {cell!r}; choose one of: {', '.join(GATES)}")
+
+
+def _lstm_bias_init(hidden_size: int):
+  """Zeros with the forget-gate block (i, [f], g, o) set to 1.0."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.zeros(shape, dtype).at[hidden_size:2 * hidden_size].set(1.0)
+  return init
+
+
+# ------------------------------------------------------------------ cell steps
+# Each takes the carry, the step's input projection xp = x W_i + b_i (B, G*H),
+# W_h (H, G*H) and b_h (1, G*H), and returns the new carry.
+
+
+def _rnn_step(act: Callable, h, xp, w_h, b_h):
+  return act(xp + h @ w_h + b_h)
+
+
+def _lstm_step(carry, xp, w_h, b_h):
+  h, c = carry
+  i, f, g, o = jnp.split(xp + h @ w_h + b_h, 4, axis=-1)  # each (B, H)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  h = jax.nn.sigmoid(o) * jnp.tanh(c)
+  return h, c
+
+
+def _gru_step(h, xp, w_h, b_h):
+  x_r, x_z, x_n = jnp.split(xp, 3, axis=-1)  # each (B, H)
+  h_r, h_z, h_n = jnp.split(h @ w_h + b_h, 3, axis=-1)
+  r = jax.nn.sigmoid(x_r + h_r)
+  z = jax.nn.sigmoid(x_z + h_z)
+  n = jnp.tanh(x_n + r * h_n)
+  return (1 - z) * n + z * h
+
+
+def _reverse_within(x, lengths):
+  """Reverses each sequence of x (B, T, ...) within its first lengths[b] steps.
+
+  Steps past the length stay in place, so applying it twice is the identity.
+  """
+  t = jnp.arange(x.shape[1])[None, :]  # (1, T)
+  n = lengths[:, None]  # (B, 1)
+  index = jnp.where(t < n, n - 1 - t, t)  # (B, T)
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+class RecurrentLayer(nn.Module):
+  """One layer, one direction: (B, T, F) -> outputs (B, T, H), final state.
+
+  Arguments:
+    cell: 'rnn', 'lstm' or 'gru'.
+    hidden_size: H.
+    activation: activation name of the 'rnn' cell (ignored by lstm and gru).
+    reverse: run from each sequence's last valid step to its first.
+    dtype: compute dtype; parameters stay float32.
+  """
+  cell: str = 'lstm'
+  hidden_size: int = 128
+  activation: str = 'tanh'
+  reverse: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, lengths=None):
+    """Returns (outputs (B, T, H), final state: h (B, H), or (h, c) for lstm).
+
+    Arguments:
+      x: (B, T, F) inputs.
+      lengths: optional (B,) ints; steps t >= lengths[b] keep the carry and
+        output zeros.
+    """
+    _check_cell(self.cell)
+    gh = GATES[self.cell] * self.hidden_size
+    bias_init = (_lstm_bias_init(self.hidden_size) if self.cell == 'lstm'
+                 else nn.initializers.zeros)
+    w_i = self.param('input_kernel', nn.initializers.glorot_uniform(), (x.shape[-1], gh))
+    w_h = self.param('recurrent_kernel', nn.initializers.orthogonal(), (self.hidden_size, gh))
+    b_i = self.param('input_bias', bias_init, (gh,))
+    b_h = self.param('recurrent_bias', nn.initializers.zeros, (gh,))
+    w_i, w_h, b_i, b_h = (p.astype(self.dtype) for p in (w_i, w_h, b_i, b_h))
+
+    batch, steps, _ = x.shape
+    xp = x.astype(self.dtype) @ w_i + b_i[None, None, :]  # (B, T, G*H), all steps at once
+    b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
+    if self.reverse:
+      xp = jnp.flip(xp, 1) if lengths is None else _reverse_within(xp, lengths)
+
+    if self.cell == 'lstm':
+      step = _lstm_step
+      zeros = jnp.zeros((batch, self.hidden_size), self.dtype)
+      carry = (zeros, zeros)
+    else:
+      step = (_gru_step if self.cell == 'gru'
+              else lambda h, *a: _rnn_step(activations.get(self.activation), h, *a))
+      carry = jnp.zeros((batch, self.hidden_size), self.dtype)
+    top = lambda c: c[0] if self.cell == 'lstm' else c  # the output h of a carry
+
+    xs = jnp.swapaxes(xp, 0, 1)  # (T, B, G*H): scan runs over the leading axis
+    if lengths is None:
+      def body(carry, xp_t):
+        carry = step(carry, xp_t, w_h, b_h)
+        return carry, top(carry)
+      carry, ys = jax.lax.scan(body, carry, xs)
+    else:
+      # After reversing within the length, the valid steps are still the first ones.
+      valid = jnp.arange(steps)[:, None] < lengths[None, :]  # (T, B)
+
+      def body(carry, inputs):
+        xp_t, valid_t = inputs
+        new = step(carry, xp_t, w_h, b_h)
+        keep = valid_t[:, None]  # (B, 1)
+        carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry)
+        return carry, jnp.where(keep, top(new), jnp.zeros_like(top(new)))
+      carry, ys = jax.lax.scan(body, carry, (xs, valid))
+
+    ys = jnp.swapaxes(ys, 0, 1)  # (B, T, H)
+    if self.reverse:
+      ys = jnp.flip(ys, 1) if lengths is None else _reverse_within(ys, lengths)
+    return ys, carry
+
+
+class RNN(nn.Module):
+  """Stacked, optionally bidirectional recurrent layers, like torch.nn.LSTM/GRU/RNN.
+
+  Arguments:
+    cell: 'rnn' (Elman), 'lstm' or 'gru'.
+    hidden_size: H, per direction.
+    num_layers: stacked layers; layer l > 0 reads the (B, T, D*H) outputs below.
+    bidirectional: add a backward direction per layer (D = 2).
+    dropout: rate on each layer's outputs except the last one's (as PyTorch),
+      only with train=True (needs the 'dropout' rng).
+    activation: activation name of the 'rnn' cell.
+    return_sequences: return all outputs (B, T, D*H), else the last state (B, D*H).
+    dtype: compute dtype; parameters stay float32.
+  """
+  cell: str = 'lstm'
+  hidden_size: int = 128
+  num_layers: int = 1
+  bidirectional: bool = False
+  dropout: float = 0.0
+  activation: str = 'tanh'
+  return_sequences: bool = True
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    _check_cell(self.cell)
+    if self.num_layers < 1:
+      raise ConfigError(f'rnn num_layers must be >= 1, got {self.num_layers}')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, lengths=None, *, train: bool = False):
+    """Returns (outputs, final_states).
+
+    outputs: (B, T, D*H) with zeros past each length, or with
+    return_sequences=False the last state (B, D*H): the forward direction's final
+    h, then (bidirectional) the backward direction's h after the first step.
+    final_states: one entry per layer and direction, ordered layer0, layer0
+    reverse, layer1, ...; each h (B, H), or (h, c) for lstm.
+
+    Arguments:
+      x: (B, T, F) sequences.
+      lengths: optional (B,) ints, the valid steps of each sequence.
+      train: enables dropout between layers.
+    """
+    directions = (False, True) if self.bidirectional else (False,)
+    if lengths is not None:
+      lengths = jnp.asarray(lengths, jnp.int32)  # (B,)
+    final_states = []
+    for layer in range(self.num_layers):
+      if layer > 0:
+        x = nn.Dropout(self.dropout, deterministic=not train, name=f'dropout{layer - 1}')(x)
+      outputs = []
+      for reverse in directions:
+        y, state = RecurrentLayer(
+            cell=self.cell, hidden_size=self.hidden_size, activation=self.activation,
+            reverse=reverse, dtype=self.dtype,
+            name=f'layer{layer}' + ('_reverse' if reverse else ''))(x, lengths)
+        outputs.append(y)
+        final_states.append(state)
+      x = jnp.concatenate(outputs, axis=-1)  # (B, T, D*H)
+    if self.return_sequences:
+      return x, final_states
+    return last_state(final_states, self.cell, self.bidirectional), final_states
+
+
+def last_state(final_states: List[Any], cell: str, bidirectional: bool):
+  """The top layer's final h, both directions concatenated: (B, D*H).
+
+  Arguments:
+    final_states: `RNN`'s second output.
+    cell: the RNN's cell ('lstm' states are (h, c)).
+    bidirectional: whether the RNN has two directions.
+  """
+  top = final_states[-2:] if bidirectional else final_states[-1:]
+  hs = [s[0] if cell == 'lstm' else s for s in top]
+  return jnp.concatenate(hs, axis=-1)
+
+
+class RNNClassifier(nn.Module):
+  """`RNN` -> last state -> Dense head: a sequence classifier.
+
+  Arguments:
+    cell, hidden_size, num_layers, bidirectional, dropout, activation, dtype:
+      as in `RNN`.
+    num_classes: number of logits.
+  """
+  cell: str = 'lstm'
+  hidden_size: int = 128
+  num_layers: int = 1
+  bidirectional: bool = False
+  dropout: float = 0.0
+  activation: str = 'tanh'
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, lengths=None, *, train: bool = False):
+    """Returns (logits (B, num_classes) float32, features dict).
+
+    features: 'pre_logits' the last state (B, D*H), 'sequence' the top layer's
+    outputs (B, T, D*H).
+
+    Arguments:
+      x: (B, T, F) sequences, or (B, T) taken as F = 1.
+      lengths: optional (B,) ints, the valid steps of each sequence.
+      train: enables dropout between layers.
+    """
+    if x.ndim == 2:
+      x = x[..., None]  # (B, T, 1)
+    outputs, states = RNN(
+        cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
+        bidirectional=self.bidirectional, dropout=self.dropout, activation=self.activation,
+        return_sequences=True, dtype=self.dtype, name='rnn')(x, lengths, train=train)
+    last = last_state(states, self.cell, self.bidirectional)  # (B, D*H)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(last)
+    return logits.astype(jnp.float32), {'pre_logits': last, 'sequence': outputs}
+
+
+# ------------------------------------------------------------- PyTorch weights
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
+    value = value.detach().cpu().numpy()
+  return np.asarray(value, np.float32)
+
+
+def convert_torch_state_dict(state_dict: Dict[str, Any], cell: str, num_layers: int,
+                             bidirectional: bool) -> Dict[str, Dict[str, np.ndarray]]:
+  """Maps a torch.nn.LSTM/GRU/RNN state dict to the params of `RNN`.
+
+  Use as `model.apply({'params': params}, x)` for `RNN`, or as
+  params['rnn'] of an `RNNClassifier`. The PyTorch module must have bias=True,
+  proj_size=0 and, to match outputs, batch_first inputs given as (B, T, F).
+
+  Arguments:
+    state_dict: {'weight_ih_l0': (G*H, F), 'weight_hh_l0': (G*H, H),
+      'bias_ih_l0': (G*H,), 'bias_hh_l0': (G*H,), ... '_reverse' for the backward
+      direction}; values numpy arrays, torch tensors or anything np.asarray takes.
+    cell: 'rnn', 'lstm' or 'gru' (the PyTorch class).
+    num_layers: the module's num_layers.
+    bidirectional: the module's bidirectional.
+
+  Returns:
+    {'layer0': {'input_kernel', 'recurrent_kernel', 'input_bias',
+    'recurrent_bias'}, 'layer0_reverse': ..., ...} of float32 numpy arrays.
+
+  Raises:
+    ConfigError: an unknown cell, a missing or unexpected key, or a wrong shape.
+  """
+  _check_cell(cell)
+  directions = ('', '_reverse') if bidirectional else ('',)
+  source = {k: _to_numpy(v) for k, v in state_dict.items()}
+  if 'weight_hh_l0' not in source:
+    raise ConfigError('torch state dict has no key weight_hh_l0')
+  hidden = source['weight_hh_l0'].shape[-1]
+  gh = GATES[cell] * hidden
+  if 'weight_ih_l0' not in source:
+    raise ConfigError('torch state dict has no key weight_ih_l0')
+  features = source['weight_ih_l0'].shape[-1]
+
+  params, used = {}, set()
+  for layer in range(num_layers):
+    width = features if layer == 0 else len(directions) * hidden
+    for suffix in directions:
+      expected = {f'weight_ih_l{layer}{suffix}': (gh, width),
+                  f'weight_hh_l{layer}{suffix}': (gh, hidden),
+                  f'bias_ih_l{layer}{suffix}': (gh,),
+                  f'bias_hh_l{layer}{suffix}': (gh,)}
+      for key, shape in expected.items():
+        if key not in source:
+          raise ConfigError(f'torch state dict has no key {key} ({cell}, {num_layers} '
+                            f'layers, bidirectional={bidirectional})')
+        if source[key].shape != shape:
+          raise ConfigError(f'torch state dict {key} has shape {source[key].shape}, '
+                            f'expected {shape} for a {cell} with hidden size {hidden}')
+      used.update(expected)
+      w_ih, w_hh, b_ih, b_hh = (source[k] for k in expected)
+      params[f'layer{layer}{suffix}'] = {
+          'input_kernel': np.ascontiguousarray(w_ih.T),  # (F, G*H)
+          'recurrent_kernel': np.ascontiguousarray(w_hh.T),  # (H, G*H)
+          'input_bias': b_ih,  # (G*H,)
+          'recurrent_bias': b_hh,  # (G*H,); differs from b_ih in the GRU's n gate
+      }
+  extra = sorted(set(source) - used)
+  if extra:
+    raise ConfigError(f'torch state dict has unexpected key {extra[0]} for a {cell} with '
+                      f'{num_layers} layers, bidirectional={bidirectional}')
+  return params
