@@ -1,6 +1,6 @@
 """Plots people would rather look at than read: learning curves."""
 import os
-from typing import List
+from typing import List, Sequence
 
 import matplotlib
 
@@ -8,25 +8,28 @@ matplotlib.use("Agg")  # Files only; no display needed.
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_learning_curves(history: List[dict], path: str, title: str = "") -> str:
-  """Loss and accuracy per epoch, train vs validation, saved as a PNG.
+def plot_learning_curves(history: List[dict], path: str, title: str = "",
+                         metrics: Sequence[str] = ("loss", "accuracy"), x: str = "epoch") -> str:
+  """One panel per metric, train vs validation, saved as a PNG.
 
   Arguments:
     history: rows of metrics.jsonl (keys epoch, train_loss, val_loss, ...).
     path: the PNG file to write.
     title: a figure title (e.g. dataset and model).
+    metrics: the panels; row keys are f"train_{metric}" and f"val_{metric}".
+    x: the row key on the horizontal axis ('epoch' or 'step').
   Returns:
     `path`.
   """
-  epochs = [r["epoch"] for r in history]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, metric in zip(axes, ("loss", "accuracy")):
+  epochs = [r[x] for r in history]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+  for ax, metric in zip(axes[0], metrics):
     for split, style in (("train", "-o"), ("val", "-s")):
       key = f"{split}_{metric}"
       points = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), float)]
       if points:
         ax.plot(*zip(*points), style, markersize=3, label=split)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()

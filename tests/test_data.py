@@ -126,3 +126,32 @@ def test_epoch_permutation_and_take_batch():
   x, y = pipeline.take_batch(images, labels, order, 1, 4)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(order[4:8]))
   np.testing.assert_array_equal(np.asarray(x)[:, 0, 0, 0], np.asarray(order[4:8]))
+
+
+class SequenceToy(tfds.core.GeneratorBasedBuilder):
+  """A TFDS builder with a fixed-length sequence feature, registered as 'sequence_toy'."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "signal": tfds.features.Tensor(shape=(40,), dtype=np.float32),
+        "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(20), "test": self._generate_examples(8)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"signal": np.full((40,), i, np.float32), "label": i % 10}
+
+
+def test_tfds_fixed_length_sequence_dataset(tmp_path):
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = load_dataset("sequence_toy", data_dir=str(tmp_path))
+  assert ds.train[0].shape == (6, 40, 1) and ds.train[0].dtype == np.float32
+  assert ds.input_shape == (40, 1) and ds.num_classes == 10
+
+
+def test_tfds_dataset_that_does_not_fit_is_one_line(tmp_path):
+  with pytest.raises(DataError, match="no 'label' feature"):
+    load_dataset("tiny_shakespeare", data_dir=str(tmp_path))

@@ -197,12 +197,16 @@ def test_fastnet_param_count():
   assert count_params(variables['batch_stats']) == 2 * 2 * (64 + 256 + 256)
 
 
+SEQUENCE_MODELS = {'cnn1d', 'rnn', 'lstm', 'gru'}  # inputs (T, F), e.g. MNIST-1D's (40, 1)
+
+
 def test_every_registered_model_follows_the_conventions():
   for name in MODELS.names():
     assert {'num_classes', 'dtype', 'activation'} <= model_fields(name), name
     model = build_model(name, num_classes=7)
+    shape = (40, 1) if name in SEQUENCE_MODELS else CIFAR
     logits, features = jax.eval_shape(
-        lambda x: model.init_with_output(jax.random.key(0), x)[0], jnp.zeros((1,) + CIFAR))
+        lambda x: model.init_with_output(jax.random.key(0), x)[0], jnp.zeros((1,) + shape))
     assert logits.shape == (1, 7) and logits.dtype == jnp.float32, name
     assert 'pre_logits' in features, name
 

@@ -367,3 +367,39 @@ def convert_torch_state_dict(state_dict: Dict[str, Any], cell: str, num_layers: 
     raise ConfigError(f'torch state dict has unexpected key {extra[0]} for a {cell} with '
                       f'{num_layers} layers, bidirectional={bidirectional}')
   return params
+
+
+class LanguageModel(nn.Module):
+  """Embedding -> stacked `RNN` -> Dense over the vocabulary at every step.
+
+  A character (or token) language model: logits at step t predict token t + 1.
+
+  Arguments:
+    vocab_size: number of token ids.
+    embed_dim: embedding width.
+    cell, hidden_size, num_layers, dropout, dtype: as in `RNN` (unidirectional:
+      a language model must not read ahead). Dropout also applies to the top
+      layer's outputs, before the head.
+  """
+  vocab_size: int
+  embed_dim: int = 64
+  cell: str = 'lstm'
+  hidden_size: int = 256
+  num_layers: int = 2
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    """Returns (logits (B, T, vocab_size) float32, {'sequence': (B, T, H)}).
+
+    Arguments:
+      tokens: (B, T) int token ids.
+      train: enables dropout.
+    """
+    x = nn.Embed(self.vocab_size, self.embed_dim, name='embed')(tokens).astype(self.dtype)
+    outputs, _ = RNN(cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                     dropout=self.dropout, dtype=self.dtype, name='rnn')(x, train=train)
+    outputs = nn.Dropout(self.dropout, deterministic=not train, name='dropout')(outputs)
+    logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head')(outputs)
+    return logits.astype(jnp.float32), {'sequence': outputs}

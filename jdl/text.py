@@ -1,0 +1,577 @@
+"""Character-level language modelling: corpus, bigram baseline, training, sampling.
+
+The pieces, top to bottom:
+  TextConfig          every setting of a run, with its unit; experiments.text
+                      makes one flag per field.
+  load_corpus         the text (a file, a TFDS text dataset, or the shipped
+                      default), its vocabulary and a contiguous train/val split.
+  bigram_bits_per_char  the baseline: P(c_t | c_{t-1}) counted on train,
+                      add-one (Laplace) smoothed, scored on validation.
+  make_train_step     the one jitted step: draws B random windows of the train
+                      text on the device and updates; no host data pipeline.
+  evaluate_bpc        validation bits per character, every character scored once.
+  sample              generation with the softmax temperature, one jitted loop.
+  fit                 the loop: resume, eval/checkpoint every --eval_every steps,
+                      best by validation bpc, SIGTERM/SIGINT checkpoint, samples.
+
+Bits per character = mean cross-entropy in nats / ln 2.
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from jdl import checkpoint, optim
+from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
+from jdl.logs import MetricWriter, write_json
+from jdl.models.rnn import LanguageModel
+from jdl.plots import plot_learning_curves
+from jdl.summary import summarize
+from jdl.train import PRNG_IMPL, StopSignals
+
+# The offline default corpus, shipped with the package (see its NOTICE).
+DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "text", "python_reference.txt")
+
+
+def _field(default, help: str):
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TextConfig:
+  """Everything that defines a character language-model run."""
+  # --- data ---
+  text_file: str = _field("", "a UTF-8 text file to model (default: the Python reference text shipped with jdl)")
+  dataset: str = _field("", "a TFDS text dataset instead, e.g. tiny_shakespeare (needs the data or the network)")
+  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
+  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
+  validation_fraction: float = _field(0.1, "the last fraction of a single text held out for validation")
+  # --- model ---
+  embed_dim: int = _field(64, "character embedding width")
+  hidden_size: int = _field(256, "LSTM units per layer")
+  num_layers: int = _field(2, "stacked LSTM layers")
+  dropout: float = _field(0.1, "dropout between layers and before the head, in [0, 1)")
+  # --- optimisation ---
+  optimizer: str = _field("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
+  learning_rate: float = _field(3e-3, "peak learning rate, per step")
+  schedule: str = _field("warmup_cosine", "constant, cosine, warmup_cosine, ... (as experiments.cifar)")
+  clip_norm: float = _field(1.0, "clip gradients to this global norm (0: off)")
+  seq_len: int = _field(100, "characters per training window (backpropagation through time)")
+  batch_size: int = _field(32, "windows per step")
+  steps: int = _field(1500, "training steps")
+  eval_every: int = _field(250, "steps between validation, checkpoint and metrics row")
+  # --- sampling ---
+  sample_only: bool = _field(False, "restore --workdir's best checkpoint and print samples; no training")
+  sample_length: int = _field(300, "characters per sample")
+  temperatures: Tuple[float, ...] = _field((0.5, 1.0, 1.5), "softmax temperatures to sample at")
+  prompt: str = _field("\n", "text the samples continue (its characters must be in the vocabulary)")
+  # --- run ---
+  seed: int = _field(0, "seed of initialisation, windows, dropout and sampling")
+  workdir: Optional[str] = _field(None, "checkpoints, metrics, samples go here; rerunning resumes (default runs/text-NAME-seedS)")
+  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume (the best is kept separately)")
+  log_every: int = _field(50, "steps between progress-bar loss updates (each is a device sync)")
+
+
+def validate(config: TextConfig) -> None:
+  """Raises ConfigError (one line) for any bad value, before anything loads."""
+  optim.OPTIMIZERS.lookup(config.optimizer)
+  optim.SCHEDULES.lookup(config.schedule)
+
+  def check(ok, message):
+    if not ok:
+      raise ConfigError(message)
+
+  check(not (config.text_file and config.dataset), "give --text_file or --dataset, not both")
+  check(math.isfinite(config.learning_rate) and config.learning_rate > 0,
+        f"learning_rate must be > 0, got {config.learning_rate}")
+  for name in ("embed_dim", "hidden_size", "num_layers", "seq_len", "batch_size", "eval_every",
+               "log_every", "sample_length", "keep_checkpoints"):
+    check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+  check(config.steps >= 0, f"steps must be >= 0, got {config.steps}")
+  check(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
+  check(0.0 < config.validation_fraction < 1.0,
+        f"validation_fraction must be in (0, 1), got {config.validation_fraction}")
+  check(config.clip_norm >= 0, f"clip_norm must be >= 0, got {config.clip_norm}")
+  check(len(config.temperatures) >= 1 and all(t > 0 and math.isfinite(t) for t in config.temperatures),
+        f"temperatures must be > 0, got {list(config.temperatures)}")
+  check(not config.sample_only or config.workdir,
+        "--sample_only needs the --workdir of a trained run")
+
+
+def default_workdir(config: TextConfig) -> str:
+  name = config.dataset or os.path.splitext(os.path.basename(config.text_file or DEFAULT_TEXT))[0]
+  return f"runs/text-{name.replace('/', '_')}-seed{config.seed}"
+
+
+# ----------------------------------------------------------------------------
+# Corpus and vocabulary.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+  """Characters <-> ids; id i is chars[i] (sorted, so ids do not depend on order seen)."""
+  chars: str
+
+  @classmethod
+  def from_text(cls, text: str) -> "Vocabulary":
+    return cls("".join(sorted(set(text))))
+
+  def __len__(self) -> int:
+    return len(self.chars)
+
+  def encode(self, text: str) -> np.ndarray:
+    """Text -> (len(text),) int32 ids; ConfigError naming a character not in the vocabulary."""
+    index = {c: i for i, c in enumerate(self.chars)}
+    missing = [c for c in text if c not in index]
+    if missing:  # Name the first one in reading order.
+      raise ConfigError(f"character {missing[0]!r} is not in the model's vocabulary "
+                        f"of {len(self)} characters")
+    return np.fromiter((index[c] for c in text), np.int32, len(text))
+
+  def decode(self, ids) -> str:
+    return "".join(self.chars[int(i)] for i in ids)
+
+
+@dataclasses.dataclass
+class Corpus:
+  """A text split for language modelling."""
+  name: str
+  vocab: Vocabulary
+  train: np.ndarray  # (N,) int32 ids
+  val: np.ndarray  # (M,) int32 ids
+
+
+def read_text_file(path: str) -> str:
+  """The file's text; DataError (one line) if missing, unreadable or not UTF-8."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"cannot read text file {path}: {e.strerror}") from None
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"text file {path} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                    "convert it, e.g. iconv -t UTF-8") from None
+
+
+def load_corpus(config: TextConfig) -> Corpus:
+  """The text `config` names, split into train and validation ids.
+
+  A single text (a file, or a TFDS dataset without a validation split) is split
+  contiguously: the last `validation_fraction` of its characters is validation,
+  so validation is unseen running text rather than windows interleaved with
+  training ones.
+  """
+  if config.dataset:
+    from jdl.data import tfds_source
+    train_text, val_text = tfds_source.load_text(config.dataset, data_dir=config.data_dir,
+                                                 download=config.download)
+    name = config.dataset
+  else:
+    path = config.text_file or DEFAULT_TEXT
+    train_text, val_text = read_text_file(path), ""
+    name = path
+  if not val_text:
+    cut = int(round(len(train_text) * (1 - config.validation_fraction)))
+    train_text, val_text = train_text[:cut], train_text[cut:]
+  # Windows need seq_len + 1 characters (inputs and the next-character targets).
+  need = config.seq_len + 1
+  if len(train_text) < need or len(val_text) < 2:
+    raise DataError(f"{name} is too short: {len(train_text)} training and {len(val_text)} "
+                    f"validation characters; training needs at least seq_len + 1 = {need} "
+                    "(use a longer text or a smaller --seq_len)")
+  vocab = Vocabulary.from_text(train_text + val_text)
+  return Corpus(name, vocab, vocab.encode(train_text), vocab.encode(val_text))
+
+
+# ----------------------------------------------------------------------------
+# The bigram baseline.
+# ----------------------------------------------------------------------------
+
+def bigram_bits_per_char(train: np.ndarray, val: np.ndarray, vocab_size: int,
+                         alpha: float = 1.0) -> float:
+  """Validation bits per character of an add-alpha smoothed character bigram model.
+
+  P(b | a) = (count(a, b) + alpha) / (count(a) + alpha * V), counted on `train`;
+  scored on each of val[1:] given its predecessor, like the LSTM's targets.
+
+  Arguments:
+    train, val: (N,) int ids.
+    vocab_size: V.
+    alpha: pseudo-count per pair (1.0: Laplace).
+  """
+  counts = np.zeros((vocab_size, vocab_size), np.float64)
+  np.add.at(counts, (train[:-1], train[1:]), 1.0)
+  probs = (counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * vocab_size)
+  return float(-np.mean(np.log2(probs[val[:-1], val[1:]])))
+
+
+# ----------------------------------------------------------------------------
+# Model, steps, evaluation and sampling.
+# ----------------------------------------------------------------------------
+
+def build_model(config: TextConfig, vocab_size: int) -> LanguageModel:
+  return LanguageModel(vocab_size=vocab_size, embed_dim=config.embed_dim,
+                       hidden_size=config.hidden_size, num_layers=config.num_layers,
+                       dropout=config.dropout)
+
+
+def create_state(model: LanguageModel, config: TextConfig, key) -> train_state.TrainState:
+  schedule = optim.make_schedule(config.schedule, config.learning_rate, max(config.steps, 1),
+                                 decay_steps=config.eval_every)
+  tx = optim.make_optimizer(config.optimizer, schedule, clip_norm=config.clip_norm or None)
+  params = jax.jit(model.init)(key, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def make_train_step(batch_size: int, seq_len: int):
+  """Returns the jitted step (state, tokens, step_key, first_bad) -> (state, loss, first_bad).
+
+  tokens: (N,) int32, the whole training text on the device. Step s draws
+  `batch_size` window starts from fold_in(step_key, s), so a resumed run sees
+  the same windows. A step with a non-finite loss or gradient is not applied;
+  `first_bad` (-1 while none) records the first such step for the loop to report.
+  """
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, tokens, step_key, first_bad):
+    window_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
+    starts = jax.random.randint(window_key, (batch_size, 1), 0, tokens.shape[0] - seq_len)
+    windows = tokens[starts + jnp.arange(seq_len + 1)[None, :]]  # (B, L + 1)
+    inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, L) each
+
+    def loss_fn(params):
+      logits, _ = state.apply_fn({"params": params}, inputs, train=True,
+                                 rngs={"dropout": dropout_key})  # (B, L, V)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    ok = jnp.isfinite(loss) & jnp.all(jnp.array(
+        [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    new = state.apply_gradients(grads=grads)
+    # Skip a bad update but still count the step, so step numbers stay aligned.
+    state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
+                         state.replace(step=state.step + 1))
+    first_bad = jnp.where((first_bad < 0) & ~ok, state.step - 1, first_bad)
+    return state, loss, first_bad
+  return step
+
+
+def validation_windows(ids: np.ndarray, seq_len: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Overlapping windows that score every validation target exactly once.
+
+  Each window of seq_len inputs starts from a zero LSTM state. Windows overlap
+  by half, and only targets in a window's second half are scored (all of the
+  first window's), so every scored character has at least seq_len / 2
+  characters of context -- a fairer measure than disjoint windows.
+
+  Returns:
+    inputs, targets, weights: (num_windows, seq_len) int32, int32, float32.
+    weights.sum() == len(ids) - 1.
+  """
+  burn_in = seq_len // 2
+  stride = seq_len - burn_in
+  n_targets = len(ids) - 1
+  starts = list(range(0, max(n_targets - seq_len, 0) + 1, stride))
+  if starts[-1] + seq_len < n_targets:
+    starts.append(n_targets - seq_len if n_targets >= seq_len else 0)
+  inputs = np.zeros((len(starts), seq_len), np.int32)
+  targets = np.zeros((len(starts), seq_len), np.int32)
+  weights = np.zeros((len(starts), seq_len), np.float32)
+  scored_up_to = 0  # targets ids[1:scored_up_to + 1] are scored already
+  for row, start in enumerate(starts):
+    n = min(seq_len, n_targets - start)
+    inputs[row, :n] = ids[start:start + n]
+    targets[row, :n] = ids[start + 1:start + n + 1]
+    first = max(scored_up_to - start, 0)  # skip targets an earlier window scored
+    weights[row, first:n] = 1.0
+    scored_up_to = start + n
+  return inputs, targets, weights
+
+
+def make_eval_fn(model: LanguageModel):
+  """Jitted (params, inputs, targets, weights) -> summed NLL in nats over weighted targets."""
+  @jax.jit
+  def nll_sum(params, inputs, targets, weights):
+    logits, _ = model.apply({"params": params}, inputs, train=False)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, L)
+    return jnp.sum(nll * weights)
+  return nll_sum
+
+
+def evaluate_bpc(eval_fn, params, windows, batch_size: int = 256) -> float:
+  """Bits per character of `params` over `validation_windows(...)` output."""
+  inputs, targets, weights = windows
+  total = 0.0
+  for i in range(0, len(inputs), batch_size):
+    chunk = slice(i, i + batch_size)
+    # Pad the last chunk to the full batch so the program compiles once.
+    pad = batch_size - len(inputs[chunk]) if len(inputs) > batch_size else 0
+    padded = [np.pad(a[chunk], ((0, pad), (0, 0))) for a in (inputs, targets, weights)]
+    total += float(eval_fn(params, *padded))
+  return total / float(weights.sum()) / math.log(2)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length", "window"))
+def _sample_ids(model, params, prompt_ids, prompt_len, key, temperature, *, length: int, window: int):
+  """Generates `length` ids after a prompt, in one compiled loop.
+
+  The model reads a sliding buffer of the last `window` ids from a zero state
+  (as in training, whose windows are `window` long); the prediction for the next
+  id is the logits at the buffer's last filled position.
+
+  Arguments:
+    prompt_ids: (window,) int32, the prompt's last ids left-aligned, then zeros.
+    prompt_len: how many of them are the prompt (1..window).
+    temperature: softmax temperature; logits are divided by it.
+  Returns:
+    ids (length,) and the entropy in bits of each step's tempered distribution.
+  """
+  def body(i, carry):
+    buffer, filled, out, entropy = carry
+    logits, _ = model.apply({"params": params}, buffer[None], train=False)
+    tempered = logits[0, filled - 1] / temperature  # (V,)
+    log_p = jax.nn.log_softmax(tempered)
+    entropy = entropy.at[i].set(-jnp.sum(jnp.exp(log_p) * log_p) / jnp.log(2.0))
+    new = jax.random.categorical(jax.random.fold_in(key, i), tempered).astype(jnp.int32)
+    full = filled == window
+    buffer = jnp.where(full, jnp.roll(buffer, -1), buffer)  # drop the oldest id when full
+    buffer = buffer.at[jnp.where(full, window - 1, filled)].set(new)
+    return buffer, jnp.minimum(filled + 1, window), out.at[i].set(new), entropy
+
+  init = (prompt_ids, prompt_len, jnp.zeros((length,), jnp.int32), jnp.zeros((length,)))
+  _, _, out, entropy = jax.lax.fori_loop(0, length, body, init)
+  return out, entropy
+
+
+def sample(model: LanguageModel, params, vocab: Vocabulary, prompt: str, length: int,
+           temperature: float, seed: int, window: int) -> Tuple[str, float]:
+  """Continues `prompt` by `length` characters at softmax `temperature`.
+
+  Deterministic for a given seed (on a given backend). Low temperatures sharpen
+  the distribution towards the likeliest characters, high ones flatten it.
+
+  Returns:
+    (text, mean entropy in bits per character of the tempered distributions).
+  """
+  if not prompt:
+    raise ConfigError("--prompt must not be empty")
+  ids = vocab.encode(prompt)[-window:]
+  buffer = np.zeros((window,), np.int32)
+  buffer[:len(ids)] = ids
+  key = jax.random.key(seed, impl=PRNG_IMPL)
+  out, entropy = _sample_ids(model, params, jnp.asarray(buffer), jnp.int32(len(ids)), key,
+                             jnp.float32(temperature), length=length, window=window)
+  return vocab.decode(np.asarray(out)), float(np.mean(np.asarray(entropy)))
+
+
+def samples_report(model, params, vocab, config: TextConfig) -> Tuple[str, list]:
+  """Samples at each of config.temperatures; returns (printable text, rows)."""
+  lines, rows = [], []
+  for temperature in config.temperatures:
+    text, entropy = sample(model, params, vocab, config.prompt, config.sample_length,
+                           temperature, config.seed, config.seq_len)
+    rows.append({"temperature": temperature, "mean_entropy_bits": entropy, "text": text})
+    lines.append(f"--- temperature {temperature:g}: mean entropy {entropy:.2f} bits/char "
+                 f"(lower = sharper) ---\n{config.prompt}{text}\n")
+  return "\n".join(lines), rows
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+def _prepare_workdir(config: TextConfig) -> str:
+  workdir = config.workdir or default_workdir(config)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    open(probe, "w").close()
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+  return workdir
+
+
+def _check_same_run(workdir: str, config: TextConfig, vocab: Vocabulary) -> None:
+  """Refuses a workdir holding a run on another text or with another vocabulary."""
+  path = os.path.join(workdir, "vocab.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  if stored.get("chars") != vocab.chars:
+    raise ConfigError(f"workdir {workdir} holds a run on another text (vocabulary of "
+                      f"{len(stored.get('chars', ''))} characters, this text has {len(vocab)}); "
+                      "use another --workdir")
+
+
+def _restore_for_sampling(config: TextConfig):
+  """(model, params, vocab) from a trained workdir's best (else latest) checkpoint."""
+  workdir = config.workdir
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      trained = TextConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in json.load(f).items()})
+    with open(os.path.join(workdir, "vocab.json")) as f:
+      vocab = Vocabulary(json.load(f)["chars"])
+  except (OSError, ValueError, TypeError, KeyError):
+    raise ConfigError(f"{workdir} holds no trained text model (config.json and vocab.json); "
+                      "train one first: python -m experiments.text --workdir=" + workdir) from None
+  model = build_model(trained, len(vocab))
+  state = create_state(model, trained, jax.random.key(0))
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    restored = ckpts.restore_best(state) or ckpts.restore_latest(state)
+  finally:
+    ckpts.close()
+  if restored is None:
+    raise CheckpointError(f"{workdir} has no checkpoint yet; train first: "
+                          f"python -m experiments.text --workdir={workdir}")
+  return model, restored[0].params, vocab, trained
+
+
+def sample_only(config: TextConfig, log=print) -> str:
+  """Prints and returns samples from a trained workdir at config.temperatures."""
+  model, params, vocab, trained = _restore_for_sampling(config)
+  report, _ = samples_report(model, params, vocab, dataclasses.replace(
+      config, seq_len=trained.seq_len))
+  log(report)
+  return report
+
+
+def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
+  """Trains the character LSTM as `config` says, resuming from its workdir.
+
+  Returns the dict also written to WORKDIR/results.json: validation bits per
+  character of the best checkpoint, the bigram baseline's, the margin, and the
+  samples at each temperature.
+  """
+  from tqdm import tqdm
+  start_time = time.time()
+  validate(config)
+  corpus = load_corpus(config)
+  workdir = _prepare_workdir(config)
+  _check_same_run(workdir, config, corpus.vocab)
+  write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
+  write_json(os.path.join(workdir, "vocab.json"), {"chars": corpus.vocab.chars})
+
+  bigram_bpc = bigram_bits_per_char(corpus.train, corpus.val, len(corpus.vocab))
+  log(f"Text {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} validation "
+      f"characters, vocabulary {len(corpus.vocab)}; bigram baseline {bigram_bpc:.3f} bits/char")
+  model = build_model(config, len(corpus.vocab))
+  log(str(summarize(model, (config.seq_len,), input_dtype=jnp.int32)))
+
+  init_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
+  state = create_state(model, config, init_key)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  meta = {"step": 0, "evals": 0, "best_val_bpc": None, "best_step": 0, "train_time_s": 0.0}
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    state, saved = restored
+    meta.update(saved)
+    log(f"Resuming from {workdir} at step {meta['step']}")
+  writer = MetricWriter(workdir, meta["evals"])
+
+  tokens = jax.device_put(corpus.train)
+  windows = validation_windows(corpus.val, config.seq_len)
+  train_step = make_train_step(config.batch_size, config.seq_len)
+  eval_fn = make_eval_fn(model)
+  first_bad = jnp.int32(-1)
+
+  def check(first_bad):
+    bad = int(first_bad)
+    if bad >= 0:
+      raise TrainingError(f"non-finite loss or gradient at step {bad}; the update was not applied "
+                          f"and the last checkpoint in {workdir} is unaffected. Lower "
+                          "--learning_rate or set --clip_norm")
+
+  with StopSignals() as stop, tqdm(total=config.steps, initial=meta["step"], unit="step",
+                                   desc="training", disable=not progress, leave=False,
+                                   file=sys.stderr, mininterval=0.5) as bar:
+    segment_start, loss_sum, loss_count = time.time(), 0.0, 0
+    while meta["step"] < config.steps:
+      state, loss, first_bad = train_step(state, tokens, step_key, first_bad)
+      meta["step"] += 1
+      loss_sum, loss_count = loss_sum + loss, loss_count + 1  # stays on the device
+      bar.update(1)
+      done = meta["step"] == config.steps
+      if meta["step"] % config.log_every == 0 or done or stop.signum:
+        check(first_bad)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+      if stop.signum and not done and meta["step"] % config.eval_every:
+        meta["train_time_s"] += time.time() - segment_start
+        ckpts.save_latest(meta["step"], state, meta)
+        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {meta['step']}; "
+                          f"checkpoint saved in {workdir}; rerun the same command to continue",
+                          stop.signum)
+      if meta["step"] % config.eval_every == 0 or done:
+        check(first_bad)
+        meta["train_time_s"] += time.time() - segment_start
+        train_bpc = float(loss_sum) / loss_count / math.log(2)
+        val_bpc = evaluate_bpc(eval_fn, state.params, windows)
+        meta["evals"] += 1
+        row = {"train_loss": train_bpc * math.log(2), "train_bpc": train_bpc,
+               "val_loss": val_bpc * math.log(2), "val_bpc": val_bpc,
+               "bigram_val_bpc": bigram_bpc}
+        writer.write(meta["step"], meta["evals"], row)
+        if math.isfinite(val_bpc) and (meta["best_val_bpc"] is None or val_bpc < meta["best_val_bpc"]):
+          meta.update(best_val_bpc=val_bpc, best_step=meta["step"])
+          ckpts.save_best(meta["step"], state, meta)  # Best before latest, as in jdl.train.
+        ckpts.save_latest(meta["step"], state, meta)
+        log(f"step {meta['step']}/{config.steps}  train {train_bpc:.3f}  val {val_bpc:.3f} bits/char"
+            f"  (bigram {bigram_bpc:.3f})")
+        if stop.signum and not done:
+          raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {meta['step']}; "
+                            f"checkpoint saved in {workdir}; rerun the same command to continue",
+                            stop.signum)
+        segment_start, loss_sum, loss_count = time.time(), 0.0, 0
+
+  best = ckpts.restore_best(state)
+  params = (best[0] if best is not None else state).params
+  val_bpc = meta["best_val_bpc"] if best is not None else evaluate_bpc(eval_fn, params, windows)
+  writer.close()
+  ckpts.close()
+  report, sample_rows = samples_report(model, params, corpus.vocab, config)
+  with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
+    f.write(report)
+  log(report)
+  curves = None
+  if writer.history:
+    curves = plot_learning_curves(writer.history, os.path.join(workdir, "learning_curves.png"),
+                                  title=f"{config.num_layers}-layer LSTM on {corpus.name}",
+                                  metrics=("bpc",), x="step")
+  margin = bigram_bpc - val_bpc
+  results = {
+      "config": dataclasses.asdict(config),
+      "text": {"name": corpus.name, "train_chars": len(corpus.train),
+               "val_chars": len(corpus.val), "vocab_size": len(corpus.vocab)},
+      "val_bpc": val_bpc,
+      "bigram_val_bpc": bigram_bpc,
+      "margin_bpc": margin,
+      # "A clear margin": at least 0.25 bits/char (about 16% of a bigram model's
+      # typical 3 bits/char) below the baseline.
+      "beats_bigram": bool(margin >= 0.25),
+      "best_step": meta["best_step"],
+      "steps_run": meta["step"],
+      "train_time_s": meta["train_time_s"],
+      "wall_time_s": time.time() - start_time,
+      "samples": sample_rows,
+      "learning_curves": curves,
+  }
+  write_json(os.path.join(workdir, "results.json"), results)
+  log(f"validation {val_bpc:.3f} bits/char vs bigram {bigram_bpc:.3f} "
+      f"({'beats' if results['beats_bigram'] else 'does NOT clearly beat'} it by {margin:.3f}); "
+      f"results in {workdir}/results.json")
+  return results
