@@ -2,9 +2,9 @@ r"""Sequence classification on MNIST-1D (made locally, offline) with jdl's model
 
 The published MNIST-1D test accuracies (Greydanus 2020) and the commands that
 reach them here (BUILD_NOTES.md has the measured table):
-  logistic 32%:  python -m experiments.sequence --model=logistic
+  logistic 32%:  python -m experiments.sequence --model=logistic --validation_fraction=0
   MLP 68%:       python -m experiments.sequence --model=mlp
-  CNN 94%:       python -m experiments.sequence --model=cnn1d
+  CNN 94%:       python -m experiments.sequence --model=cnn1d --dropout=0.3
   GRU 91%:       python -m experiments.sequence --model=gru
 Models: logistic, mlp, cnn1d, rnn, lstm, gru (--hidden_size, --num_layers,
 --bidirectional). Same flags, outputs and resume as experiments.cifar.
