@@ -9,6 +9,8 @@ import math
 import os
 from typing import Dict, List
 
+import numpy as np
+
 
 def read_jsonl(path: str) -> List[dict]:
   if not os.path.exists(path):
@@ -51,6 +53,13 @@ class MetricWriter:
       f.write(json.dumps(row) + "\n")
     for name, value in metrics.items():
       self._tb.add_scalar(name, float(value), step)
+    self._tb.flush()
+
+  def add_image(self, tag: str, png_path: str, step: int) -> None:
+    """Logs a PNG file (e.g. a sample grid) to TensorBoard's images tab."""
+    from PIL import Image
+    image = np.asarray(Image.open(png_path).convert("RGB"))  # (H, W, 3) uint8
+    self._tb.add_image(tag, image, step, dataformats="HWC")
     self._tb.flush()
 
   def close(self) -> None:

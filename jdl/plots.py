@@ -40,3 +40,35 @@ def plot_learning_curves(history: List[dict], path: str, title: str = "",
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
+                x: str = "epoch") -> str:
+  """One panel per entry of `panels` {panel title: [row keys]}, a line per key.
+
+  Arguments:
+    history: rows of metrics.jsonl.
+    path: the PNG file to write.
+    panels: e.g. {"losses": ["d_loss", "g_loss"], "Fréchet distance": ["frechet_distance"]}.
+    title: a figure title.
+    x: the row key on the horizontal axis.
+  Returns:
+    `path`.
+  """
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+  for ax, (name, keys) in zip(axes[0], panels.items()):
+    for key in keys:
+      points = [(r[x], r[key]) for r in history if isinstance(r.get(key), float)]
+      if points:
+        ax.plot(*zip(*points), "-o", markersize=3, label=key)
+    ax.set_xlabel(x)
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -18,6 +18,7 @@ from jdl.registry import Registry
 from jdl.models import layers
 from jdl.models.cnn import CNN, LeNet5
 from jdl.models.cnn1d import CNN1D
+from jdl.models.decoder import Decoder, Discriminator, Generator
 from jdl.models.fastnet import ConvGroup, FastNet
 from jdl.models.mlp import MLP
 from jdl.models.rnn import RNN, RNNClassifier, RecurrentLayer, convert_torch_state_dict
@@ -94,4 +95,5 @@ __all__ = [
     "MLP", "CNN", "LeNet5", "VGG", "ResNet", "ResNet18", "ResNet20", "ResNet34",
     "ResNet50", "BasicBlock", "Bottleneck", "FastNet", "ConvGroup", "CNN1D",
     "RNN", "RNNClassifier", "RecurrentLayer", "convert_torch_state_dict",
+    "Decoder", "Generator", "Discriminator",  # image generators: not classifiers, not in MODELS
 ]

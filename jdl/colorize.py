@@ -1,0 +1,264 @@
+"""Automatic colorization: grey image -> colour image, by an encoder and the DCGAN decoder.
+
+The pieces, top to bottom:
+  ColorizeConfig      every setting of a run; experiments.colorize makes the flags.
+  to_grey             ITU-R BT.601 luma, the grey a black-and-white photo holds.
+  Colorizer           strided-conv encoder (B, H, W, 1) -> (B, H/8, W/8, C), then
+                      `jdl.models.decoder.Decoder` back to (B, H, W, 3) in [-1, 1].
+  train_step          one pure MSE update (BatchNorm statistics updated).
+  fit                 the loop: resume, per-epoch test error against the
+                      mean-colour baseline, a PNG of grey / predicted / true rows.
+
+Errors are mean squared errors per pixel and channel on the [0, 1] colour scale.
+"""
+import dataclasses
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from typing import Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jdl import checkpoint
+from jdl.data import load_dataset, pipeline
+from jdl.errors import ConfigError, Interrupted, TrainingError
+from jdl.gan import save_image_grid
+from jdl.logs import MetricWriter, write_json
+from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
+from jdl.plots import plot_panels
+from jdl.summary import summarize
+from jdl.train import PRNG_IMPL, StopSignals, TrainState
+
+# BT.601 luma weights of R, G, B.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _field(default, help: str):
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class ColorizeConfig:
+  """Everything that defines a colorization run."""
+  dataset: str = _field("shapes", "shapes (built in, offline), cifar10 or another TFDS RGB image dataset")
+  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
+  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
+  num_train: int = _field(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
+  num_test: int = _field(0, "test images, as num_train (0: default/all)")
+  width: int = _field(64, "encoder channels of the first convolution, doubled twice; decoder base width 2x that")
+  learning_rate: float = _field(1e-3, "Adam step size")
+  batch_size: int = _field(64, "images per step")
+  epochs: int = _field(8, "passes over the training images")
+  seed: int = _field(0, "seed of initialisation and data order")
+  workdir: Optional[str] = _field(None, "checkpoints, PNGs, metrics go here; rerunning resumes (default runs/colorize-DATASET-seedS)")
+  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume")
+
+
+def validate_config(config: ColorizeConfig) -> None:
+  """Raises ConfigError (one line) for a bad value, before anything loads."""
+  if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+    raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
+  for name in ("width", "batch_size", "keep_checkpoints"):
+    if getattr(config, name) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+  for name in ("epochs", "num_train", "num_test"):
+    if getattr(config, name) < 0:
+      raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+
+
+def to_unit(images) -> jax.Array:
+  """uint8 (B, H, W, 3) -> float32 in [-1, 1]."""
+  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def to_grey(images) -> jax.Array:
+  """Colour images in [-1, 1] (B, H, W, 3) -> their luma (B, H, W, 1), same scale."""
+  return images @ jnp.asarray(LUMA)[:, None]  # (B, H, W, 3) @ (3, 1)
+
+
+class Colorizer(nn.Module):
+  """Grey (B, H, W, 1) -> colour (B, H, W, 3), on the [-1, 1] scale.
+
+  Encoder: 3 x [Conv(k4, s2, SAME) -> BatchNorm -> ReLU], widths w, 2w, 4w, so
+  (H, W) -> (H/8, W/8); then the DCGAN `Decoder` (Dense -> 3 stride-2 transposed
+  convolutions -> tanh) with base width 2w, whose output is added to the grey
+  input copied to the three channels.
+
+  Arguments:
+    image_shape: (H, W, 3) of the output; H and W multiples of 8 that the
+      decoder can reach (32, 64, ...).
+    width: w.
+  """
+  image_shape: tuple = (32, 32, 3)
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, grey, *, train: bool = False):
+    x = grey
+    for i, features in enumerate((self.width, 2 * self.width, 4 * self.width)):
+      x = nn.Conv(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
+                  kernel_init=KERNEL_INIT, name=f"conv{i + 1}")(x)  # (B, H/2^(i+1), W/2^(i+1), features)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i + 1}")(x))
+    # The decoder predicts the colour's offset from the grey copy: a colour
+    # image's luma equals the input, so only the chroma has to be learnt, and
+    # the untrained model starts at the grey-copy baseline instead of noise.
+    offset = Decoder(tuple(self.image_shape), base_width=2 * self.width, name="decoder")(x, train=train)
+    return jnp.broadcast_to(grey, offset.shape) + offset  # (B, H, W, 3)
+
+
+def _variables(state: TrainState, params) -> dict:
+  return {"params": params, "batch_stats": state.batch_stats}
+
+
+def train_step(state: TrainState, colour) -> tuple:
+  """One MSE update on colour images in [-1, 1]: (state, loss on the [0, 1] scale)."""
+  grey = to_grey(colour)
+
+  def loss_fn(params):
+    predicted, updates = state.apply_fn(_variables(state, params), grey, train=True,
+                                        mutable=["batch_stats"])
+    return jnp.mean((predicted - colour) ** 2), updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return state, loss / 4.0  # [-1, 1] -> [0, 1] scale: errors halve, squares quarter
+
+
+@jax.jit
+def predict(state: TrainState, colour) -> jax.Array:
+  """Colour predicted from the grey of `colour` (B, H, W, 3) in [-1, 1]; eval mode."""
+  return state.apply_fn(_variables(state, state.params), to_grey(colour), train=False)
+
+
+def test_errors(state: TrainState, test_images, mean_colour, batch_size: int = 500) -> Dict[str, float]:
+  """MSE on [0, 1] of the model, the mean-colour baseline and the grey copy."""
+  sums = np.zeros(3)
+  for i in range(0, len(test_images), batch_size):
+    colour = to_unit(test_images[i:i + batch_size])
+    predicted = predict(state, colour)
+    grey = jnp.broadcast_to(to_grey(colour), colour.shape)
+    for k, guess in enumerate((predicted, jnp.broadcast_to(mean_colour, colour.shape), grey)):
+      sums[k] += float(jnp.sum((guess - colour) ** 2)) / 4.0
+  count = test_images.size
+  return {"test_mse": sums[0] / count, "mean_colour_mse": sums[1] / count,
+          "grey_copy_mse": sums[2] / count}
+
+
+def save_comparison(state: TrainState, images, path: str) -> str:
+  """A PNG of three rows: the grey input, the prediction and the true colour."""
+  colour = to_unit(images)
+  grey = jnp.broadcast_to(to_grey(colour), colour.shape)
+  return save_image_grid(np.concatenate([grey, predict(state, colour), colour]), path,
+                         nrow=len(images))
+
+
+def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=print) -> dict:
+  """Trains the colorizer as `config` says, resuming from its workdir."""
+  from tqdm import tqdm
+  start_time = time.time()
+  validate_config(config)
+  if dataset is None:
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir, num_train=config.num_train or None,
+                           num_test=config.num_test or None, seed=config.seed, download=config.download)
+  shape = tuple(dataset.input_shape)
+  if len(shape) != 3 or shape[-1] != 3:
+    raise ConfigError(f"colorization needs RGB images (H, W, 3); {dataset.name} has {shape}")
+  upsampling_plan(shape)  # one-line ConfigError for sizes the decoder cannot make
+  images = dataset.train[0]
+  if config.batch_size > len(images):
+    raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(images)} images)")
+  workdir = config.workdir or f"runs/colorize-{config.dataset.replace('/', '_')}-seed{config.seed}"
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
+
+  model = Colorizer(shape, config.width)
+  log(f"Colorizer on {dataset.name} {shape}\n{summarize(model, shape[:2] + (1,))}")
+  init_key, data_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
+  variables = jax.jit(model.init)(init_key, jnp.zeros((1, *shape[:2], 1)))
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                            tx=optax.adam(config.learning_rate), batch_stats=variables["batch_stats"])
+  # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
+  mean_colour = to_unit(images.reshape(-1, 3).mean(0))
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  meta = {"epoch": 0, "train_time_s": 0.0}
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    state, saved = restored
+    meta.update(saved)
+    log(f"Resuming from {workdir}: epoch {meta['epoch']} done")
+  writer = MetricWriter(workdir, meta["epoch"])
+  data = jax.device_put(images)
+  steps_per_epoch = len(images) // config.batch_size
+  shown = dataset.test[0][:8]
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_fn(state, loss_sum, data, order, index):
+    idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)
+    state, loss = train_step(state, to_unit(data[idx]))
+    return state, loss_sum + loss
+
+  order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
+  with StopSignals() as stop:
+    for epoch in range(meta["epoch"] + 1, config.epochs + 1):
+      epoch_start = time.time()
+      order = order_fn(data_key, epoch, len(images))
+      loss_sum = jnp.zeros((), jnp.float32)
+      for index in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                        disable=not progress, leave=False, file=sys.stderr, mininterval=0.5):
+        state, loss_sum = train_fn(state, loss_sum, data, order, index)
+        if stop.signum:
+          break  # the epoch is redone on resume (the checkpoint is its start)
+      if stop.signum and index + 1 < steps_per_epoch:
+        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch}; the "
+                          f"checkpoint of epoch {meta['epoch']} in {workdir} is kept; rerun the same "
+                          "command to continue", stop.signum)
+      train_mse = float(loss_sum) / steps_per_epoch
+      if not math.isfinite(train_mse):
+        raise TrainingError(f"non-finite loss in epoch {epoch}; the checkpoint of epoch {epoch - 1} "
+                            f"in {workdir} is unaffected. Lower --learning_rate")
+      meta["train_time_s"] += time.time() - epoch_start
+      row = {"train_mse": train_mse, **test_errors(state, dataset.test[0], mean_colour)}
+      png = save_comparison(state, shown, os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"))
+      writer.write(int(state.step), epoch, row)
+      writer.add_image("grey_predicted_true", png, int(state.step))
+      meta["epoch"] = epoch
+      ckpts.save_latest(int(state.step), state, meta)
+      log(f"epoch {epoch}/{config.epochs}  train MSE {train_mse:.4f}  test MSE {row['test_mse']:.4f}  "
+          f"(mean colour {row['mean_colour_mse']:.4f}, grey copy {row['grey_copy_mse']:.4f})  "
+          f"{time.time() - epoch_start:.0f}s")
+      if stop.signum and epoch < config.epochs:
+        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; "
+                          f"checkpoint saved in {workdir}; rerun the same command to continue", stop.signum)
+  writer.close()
+  ckpts.close()
+  final = test_errors(state, dataset.test[0], mean_colour)
+  png = save_comparison(state, shown, os.path.join(workdir, "comparison.png"))
+  curves = None
+  if writer.history:
+    curves = plot_panels(writer.history, os.path.join(workdir, "learning_curves.png"),
+                         {"MSE on [0, 1]": ["train_mse", "test_mse", "mean_colour_mse", "grey_copy_mse"]},
+                         title=f"colorization on {dataset.name}")
+  results = {
+      "config": dataclasses.asdict(config),
+      "dataset": {"name": dataset.name, "num_train": len(images), "num_test": len(dataset.test[0])},
+      **final,
+      "beats_mean_colour": bool(final["test_mse"] < final["mean_colour_mse"]),
+      "error_ratio_to_mean_colour": final["test_mse"] / final["mean_colour_mse"],
+      "epochs_run": meta["epoch"],
+      "train_time_s": meta["train_time_s"],
+      "wall_time_s": time.time() - start_time,
+      "comparison": png,
+      "learning_curves": curves,
+  }
+  write_json(os.path.join(workdir, "results.json"), results)
+  log(f"test MSE {final['test_mse']:.4f} vs mean colour {final['mean_colour_mse']:.4f} "
+      f"({results['error_ratio_to_mean_colour']:.2f}x) and grey copy {final['grey_copy_mse']:.4f}; "
+      f"grey / predicted / true rows in {png}")
+  return results

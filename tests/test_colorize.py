@@ -1,0 +1,90 @@
+"""experiments.colorize: luma, baselines, the loop on tiny data, resume, errors, entrypoint."""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdl import colorize
+from jdl.data import Dataset, load_dataset
+from jdl.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grey_is_bt601_luma():
+  # Pure red, green, blue and white on the [-1, 1] scale.
+  colours = jnp.asarray([[[[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1]]]])  # (1, 1, 4, 3)
+  grey = np.asarray(colorize.to_grey(colours))[0, 0, :, 0]
+  # On [0, 1]: 0.299, 0.587, 0.114, 1; on [-1, 1]: 2v - 1.
+  np.testing.assert_allclose(grey, [2 * 0.299 - 1, 2 * 0.587 - 1, 2 * 0.114 - 1, 1.0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes():
+  return load_dataset("shapes", num_train=64, num_test=16, seed=0)
+
+
+def tiny_config(tmp_path, **overrides):
+  values = dict(width=8, batch_size=16, epochs=1, workdir=str(tmp_path / "run"))
+  values.update(overrides)
+  return colorize.ColorizeConfig(**values)
+
+
+def test_untrained_model_starts_at_the_grey_copy(tiny_shapes, tmp_path):
+  import jax
+  model = colorize.Colorizer((32, 32, 3), width=8)
+  images = colorize.to_unit(tiny_shapes.test[0][:4])
+  variables = jax.jit(model.init)(jax.random.key(0), colorize.to_grey(images))
+  predicted = jax.jit(model.apply)(variables, colorize.to_grey(images))
+  grey = np.broadcast_to(np.asarray(colorize.to_grey(images)), predicted.shape)
+  # Decoder weights ~ N(0, 0.02): the offset is small, the output near the grey copy.
+  assert np.abs(np.asarray(predicted) - grey).mean() < 0.05
+
+
+def test_fit_resumes_writes_comparison_and_reports_baselines(tiny_shapes, tmp_path):
+  quiet = dict(progress=False, log=lambda *a: None)
+  colorize.fit(tiny_config(tmp_path), tiny_shapes, **quiet)
+  lines = []
+  results = colorize.fit(tiny_config(tmp_path, epochs=2), tiny_shapes, progress=False, log=lines.append)
+  assert any(line.startswith("Resuming from") for line in lines)
+  assert results["epochs_run"] == 2
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
+  assert [r["epoch"] for r in rows] == [1, 2]
+  # The mean-colour baseline, recomputed independently on the [0, 1] scale.
+  train = tiny_shapes.train[0].astype(np.float64) / 255
+  test = tiny_shapes.test[0].astype(np.float64) / 255
+  mean = train.reshape(-1, 3).mean(0)
+  assert results["mean_colour_mse"] == pytest.approx(np.mean((test - mean) ** 2), rel=1e-4)
+  grey = test @ colorize.LUMA.astype(np.float64)
+  assert results["grey_copy_mse"] == pytest.approx(np.mean((test - grey[..., None]) ** 2), rel=1e-4)
+  assert np.isfinite(results["test_mse"])
+  png = Image.open(results["comparison"])
+  assert png.size == (8 * 34 + 2, 3 * 34 + 2)  # 8 images per row, rows grey/predicted/true
+
+
+def test_bad_colorize_input(tiny_shapes, tmp_path):
+  grey_set = Dataset("grey", (np.zeros((32, 28, 28, 1), np.uint8), np.zeros(32, np.int32)),
+                     (np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32)), 10, None)
+  with pytest.raises(ConfigError, match="needs RGB images"):
+    colorize.fit(tiny_config(tmp_path), grey_set, progress=False, log=lambda *a: None)
+  with pytest.raises(ConfigError, match="batch_size 100 is larger"):
+    colorize.fit(tiny_config(tmp_path, batch_size=100), tiny_shapes, progress=False, log=lambda *a: None)
+  with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+    colorize.validate_config(colorize.ColorizeConfig(learning_rate=-1.0))
+
+
+def test_colorize_entrypoint_smoke(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.colorize", f"--workdir={tmp_path / 'run'}",
+       "--num_train=64", "--num_test=16", "--width=8", "--batch_size=16", "--epochs=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert {"test_mse", "mean_colour_mse", "beats_mean_colour"} <= set(results)
+  assert (tmp_path / "run" / "comparison.png").exists()
+  assert "Total params" in result.stdout
