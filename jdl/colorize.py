@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jdl import checkpoint
+from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
 from jdl.errors import ConfigError, Interrupted, TrainingError
 from jdl.gan import save_image_grid
@@ -40,25 +41,21 @@ from jdl.train import PRNG_IMPL, StopSignals, TrainState
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _field(default, help: str):
-  return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class ColorizeConfig:
   """Everything that defines a colorization run."""
-  dataset: str = _field("shapes", "shapes (built in, offline), cifar10 or another TFDS RGB image dataset")
-  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
-  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
-  num_train: int = _field(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
-  num_test: int = _field(0, "test images, as num_train (0: default/all)")
-  width: int = _field(64, "encoder channels of the first convolution, doubled twice; decoder base width 2x that")
-  learning_rate: float = _field(1e-3, "Adam step size")
-  batch_size: int = _field(64, "images per step")
-  epochs: int = _field(8, "passes over the training images")
-  seed: int = _field(0, "seed of initialisation and data order")
-  workdir: Optional[str] = _field(None, "checkpoints, PNGs, metrics go here; rerunning resumes (default runs/colorize-DATASET-seedS)")
-  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume")
+  dataset: str = option("shapes", "shapes (built in, offline), cifar10 or another TFDS RGB image dataset")
+  data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
+  download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
+  num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
+  num_test: int = option(0, "test images, as num_train (0: default/all)")
+  width: int = option(64, "encoder channels of the first convolution, doubled twice; decoder base width 2x that")
+  learning_rate: float = option(1e-3, "Adam step size")
+  batch_size: int = option(64, "images per step")
+  epochs: int = option(8, "passes over the training images")
+  seed: int = option(0, "seed of initialisation and data order")
+  workdir: Optional[str] = option(None, "checkpoints, PNGs, metrics go here; rerunning resumes (default runs/colorize-DATASET-seedS)")
+  keep_checkpoints: int = option(2, "latest checkpoints kept for resume")
 
 
 def validate_config(config: ColorizeConfig) -> None:
@@ -175,7 +172,7 @@ def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=prin
   if config.batch_size > len(images):
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(images)} images)")
   workdir = config.workdir or f"runs/colorize-{config.dataset.replace('/', '_')}-seed{config.seed}"
-  os.makedirs(workdir, exist_ok=True)
+  make_writable_dir(workdir)
   write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
 
   model = Colorizer(shape, config.width)

@@ -13,54 +13,68 @@ from typing import Optional, Tuple
 from jdl.errors import ConfigError
 
 
-def _field(default, help: str):
+def option(default, help: str):
+  """A config dataclass field with its flag help text (see `jdl.cli.define_flags`)."""
   return dataclasses.field(default=default, metadata={"help": help})
+
+
+
+def make_writable_dir(workdir: str) -> None:
+  """Creates `workdir` if needed; ConfigError (one line) if it cannot be written."""
+  import os
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    open(probe, "w").close()
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
 
 
 @dataclasses.dataclass
 class TrainConfig:
   """Everything that defines a classification training run."""
   # --- data ---
-  dataset: str = _field("cifar10", "shapes (built in, offline) or a TFDS image-classification dataset")
-  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
-  num_train: int = _field(0, "training examples: shapes generates this many, TFDS keeps the first N (0: default/all)")
-  num_test: int = _field(0, "test examples, as num_train (0: default/all)")
-  validation_fraction: float = _field(0.1, "fraction of the training split held out for validation")
-  augment: bool = _field(False, "random translation (up to 4 px) and horizontal flips, on the device")
+  dataset: str = option("cifar10", "shapes (built in, offline) or a TFDS image-classification dataset")
+  data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
+  num_train: int = option(0, "training examples: shapes generates this many, TFDS keeps the first N (0: default/all)")
+  num_test: int = option(0, "test examples, as num_train (0: default/all)")
+  validation_fraction: float = option(0.1, "fraction of the training split held out for validation")
+  augment: bool = option(False, "random translation (up to 4 px) and horizontal flips, on the device")
   # --- model ---
-  model: str = _field("cnn", "model name (see jdl.models.MODELS)")
-  activation: Optional[str] = _field(None, "hidden activation by name (model default if unset)")
-  dropout: Optional[float] = _field(None, "dropout rate in [0, 1) (model default if unset)")
-  hidden_size: Optional[int] = _field(None, "recurrent models: units per layer and direction (model default if unset)")
-  num_layers: Optional[int] = _field(None, "recurrent models: stacked layers (model default if unset)")
-  bidirectional: Optional[bool] = _field(None, "recurrent models: also read the sequence backwards (model default if unset)")
-  precision: str = _field("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
+  model: str = option("cnn", "model name (see jdl.models.MODELS)")
+  activation: Optional[str] = option(None, "hidden activation by name (model default if unset)")
+  dropout: Optional[float] = option(None, "dropout rate in [0, 1) (model default if unset)")
+  hidden_size: Optional[int] = option(None, "recurrent models: units per layer and direction (model default if unset)")
+  num_layers: Optional[int] = option(None, "recurrent models: stacked layers (model default if unset)")
+  bidirectional: Optional[bool] = option(None, "recurrent models: also read the sequence backwards (model default if unset)")
+  precision: str = option("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
   # --- optimisation ---
-  optimizer: str = _field("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
-  learning_rate: float = _field(1e-3, "peak learning rate, per step")
-  momentum: float = _field(0.9, "momentum for momentum/nesterov")
-  schedule: str = _field("constant", "constant, inverse_time, exponential, cosine, warmup_cosine, piecewise, one_cycle")
-  decay_rate: float = _field(0.5, "inverse_time/exponential: decay rate")
-  decay_steps: int = _field(0, "inverse_time/exponential: steps per decay unit (0: one epoch)")
-  warmup_steps: int = _field(0, "warmup_cosine/one_cycle: warm-up steps (0: 5% of training)")
-  boundaries: Tuple[float, ...] = _field((0.5, 0.75), "piecewise: boundaries as fractions of training")
-  boundary_scale: float = _field(0.1, "piecewise: learning-rate factor at each boundary")
-  clip_norm: float = _field(0.0, "clip gradients to this global norm (0: off)")
-  weight_decay: float = _field(0.0, "decoupled weight decay on kernels, per step x learning rate")
-  l1: float = _field(0.0, "L1 penalty coefficient on kernels, added to the loss")
-  l2: float = _field(0.0, "L2 penalty coefficient on kernels, added to the loss")
-  label_smoothing: float = _field(0.0, "label smoothing epsilon in [0, 1)")
-  epochs: int = _field(10, "passes over the training split")
-  batch_size: int = _field(128, "examples per training step")
-  early_stopping_patience: int = _field(0, "stop after this many epochs without a better validation accuracy (0: off)")
-  nan_policy: str = _field("stop", "on a non-finite loss or gradient: stop (with a message naming the step) "
+  optimizer: str = option("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
+  learning_rate: float = option(1e-3, "peak learning rate, per step")
+  momentum: float = option(0.9, "momentum for momentum/nesterov")
+  schedule: str = option("constant", "constant, inverse_time, exponential, cosine, warmup_cosine, piecewise, one_cycle")
+  decay_rate: float = option(0.5, "inverse_time/exponential: decay rate")
+  decay_steps: int = option(0, "inverse_time/exponential: steps per decay unit (0: one epoch)")
+  warmup_steps: int = option(0, "warmup_cosine/one_cycle: warm-up steps (0: 5% of training)")
+  boundaries: Tuple[float, ...] = option((0.5, 0.75), "piecewise: boundaries as fractions of training")
+  boundary_scale: float = option(0.1, "piecewise: learning-rate factor at each boundary")
+  clip_norm: float = option(0.0, "clip gradients to this global norm (0: off)")
+  weight_decay: float = option(0.0, "decoupled weight decay on kernels, per step x learning rate")
+  l1: float = option(0.0, "L1 penalty coefficient on kernels, added to the loss")
+  l2: float = option(0.0, "L2 penalty coefficient on kernels, added to the loss")
+  label_smoothing: float = option(0.0, "label smoothing epsilon in [0, 1)")
+  epochs: int = option(10, "passes over the training split")
+  batch_size: int = option(128, "examples per training step")
+  early_stopping_patience: int = option(0, "stop after this many epochs without a better validation accuracy (0: off)")
+  nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (with a message naming the step) "
                            "or skip (leave the state unchanged for that step and count it)")
   # --- run ---
-  seed: int = _field(0, "seed of initialisation, data order, augmentation and dropout")
-  workdir: Optional[str] = _field(None, "checkpoints, metrics and plots go here; rerunning resumes (default runs/DATASET-MODEL-seedS)")
-  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume (the best is kept separately)")
-  log_every: int = _field(50, "steps between progress-bar loss updates (each is a device sync)")
-  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
+  seed: int = option(0, "seed of initialisation, data order, augmentation and dropout")
+  workdir: Optional[str] = option(None, "checkpoints, metrics and plots go here; rerunning resumes (default runs/DATASET-MODEL-seedS)")
+  keep_checkpoints: int = option(2, "latest checkpoints kept for resume (the best is kept separately)")
+  log_every: int = option(50, "steps between progress-bar loss updates (each is a device sync)")
+  download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
 
 
 # The course notes' three Keras CIFAR-10 examples (Udacity AIND, cifar10_mlp /

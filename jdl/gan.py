@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jdl.config import make_writable_dir, option
 from jdl.data import pipeline
 from jdl.errors import ConfigError, Interrupted, TrainingError
 from jdl.train import PRNG_IMPL, TrainState
@@ -137,7 +138,8 @@ def _apply_train(state: TrainState, params, batch_stats, *args):
   return out, updates.get('batch_stats', batch_stats)
 
 
-def gan_train_step(state: GANState, real_images, labels, rng) -> Tuple[GANState, Dict[str, jax.Array]]:
+def gan_train_step(state: GANState, real_images, labels, rng, real_label: float = 1.0
+                   ) -> Tuple[GANState, Dict[str, jax.Array]]:
   """One GAN update: the discriminator, then the generator. Pure: jit it.
 
   One batch of z ~ N(0, 1) is drawn; G(z) is computed once, in train mode.
@@ -156,6 +158,8 @@ def gan_train_step(state: GANState, real_images, labels, rng) -> Tuple[GANState,
       GAN, whose fakes are generated for the same labels. None is fine for an
       unconditional GAN.
     rng: key for z (e.g. fold_in(step_key, step)).
+    real_label: D's target for real images; 0.9 is one-sided label smoothing
+      (Salimans et al. 2016), which keeps D from becoming overconfident.
   Returns:
     (new state, metrics): d_loss, g_loss, d_real = mean sigmoid(D(x)),
     d_fake = mean sigmoid(D(G(z))) before D's update, d_grad_norm, g_grad_norm.
@@ -170,7 +174,7 @@ def gan_train_step(state: GANState, real_images, labels, rng) -> Tuple[GANState,
   def d_loss_fn(params):
     real_logits, stats = _apply_train(d, params, d.batch_stats, real_images, *extra)
     fake_logits, stats = _apply_train(d, params, stats, jax.lax.stop_gradient(fake), *extra)
-    loss = (optax.sigmoid_binary_cross_entropy(real_logits, jnp.ones_like(real_logits)).mean()
+    loss = (optax.sigmoid_binary_cross_entropy(real_logits, jnp.full_like(real_logits, real_label)).mean()
             + optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean())
     return loss, (real_logits, fake_logits, stats)
 
@@ -314,32 +318,29 @@ def frechet_distance(features_a, features_b) -> float:
 # The experiment: configuration, quality measure and loop.
 # ----------------------------------------------------------------------------
 
-def _field(default, help: str):
-  return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class GANConfig:
   """Everything that defines a DCGAN run."""
-  dataset: str = _field("shapes", "shapes (built in, offline), mnist, fashion_mnist, cifar10 or another TFDS image dataset")
-  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
-  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
-  num_train: int = _field(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
-  conditional: bool = _field(False, "condition both networks on the class label")
-  latent_dim: int = _field(100, "width of the generator's input noise z ~ N(0, 1)")
-  g_width: int = _field(128, "generator: channels of the first feature map, halved per up-sampling")
-  d_width: int = _field(32, "discriminator: channels of the first convolution, doubled per down-sampling")
-  learning_rate: float = _field(2e-4, "Adam step size of both networks (DCGAN: 2e-4)")
-  beta1: float = _field(0.5, "Adam's first-moment decay (DCGAN: 0.5)")
-  batch_size: int = _field(64, "real images per step")
-  epochs: int = _field(10, "passes over the training images")
-  classifier_workdir: Optional[str] = _field(None, "an experiments.cifar workdir on the same dataset whose "
+  dataset: str = option("shapes", "shapes (built in, offline), mnist, fashion_mnist, cifar10 or another TFDS image dataset")
+  data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
+  download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
+  num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
+  conditional: bool = option(False, "condition both networks on the class label")
+  latent_dim: int = option(100, "width of the generator's input noise z ~ N(0, 1)")
+  g_width: int = option(128, "generator: channels of the first feature map, halved per up-sampling")
+  d_width: int = option(32, "discriminator: channels of the first convolution, doubled per down-sampling")
+  learning_rate: float = option(2e-4, "Adam step size of both networks (DCGAN: 2e-4)")
+  beta1: float = option(0.5, "Adam's first-moment decay (DCGAN: 0.5)")
+  real_label: float = option(0.9, "discriminator's target for real images: 0.9 is one-sided label smoothing, 1.0 plain DCGAN")
+  batch_size: int = option(64, "real images per step")
+  epochs: int = option(10, "passes over the training images")
+  classifier_workdir: Optional[str] = option(None, "an experiments.cifar workdir on the same dataset whose "
                                             "classifier scores samples (default: train a cnn in WORKDIR/classifier)")
-  classifier_epochs: int = _field(8, "epochs of the scoring cnn when jdl trains it")
-  num_eval: int = _field(1000, "real and generated images compared by the Fréchet distance each epoch")
-  seed: int = _field(0, "seed of initialisation, data order and noise")
-  workdir: Optional[str] = _field(None, "checkpoints, sample grids, metrics go here; rerunning resumes (default runs/gan-DATASET-seedS)")
-  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume")
+  classifier_epochs: int = option(8, "epochs of the scoring cnn when jdl trains it")
+  num_eval: int = option(1000, "real and generated images compared by the Fréchet distance each epoch")
+  seed: int = option(0, "seed of initialisation, data order and noise")
+  workdir: Optional[str] = option(None, "checkpoints, sample grids, metrics go here; rerunning resumes (default runs/gan-DATASET-seedS)")
+  keep_checkpoints: int = option(2, "latest checkpoints kept for resume")
 
 
 def validate_config(config: GANConfig) -> None:
@@ -350,6 +351,7 @@ def validate_config(config: GANConfig) -> None:
   check(math.isfinite(config.learning_rate) and config.learning_rate > 0,
         f"learning_rate must be > 0, got {config.learning_rate}")
   check(0.0 <= config.beta1 < 1.0, f"beta1 must be in [0, 1), got {config.beta1}")
+  check(0.5 < config.real_label <= 1.0, f"real_label must be in (0.5, 1], got {config.real_label}")
   for name in ("latent_dim", "g_width", "d_width", "batch_size", "keep_checkpoints",
                "classifier_epochs"):
     check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
@@ -486,7 +488,7 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
   generator = Generator(tuple(dataset.input_shape), config.g_width, num_classes=num_classes)
   discriminator = Discriminator(config.d_width, num_classes=num_classes)
   workdir = config.workdir or f"runs/gan-{config.dataset.replace('/', '_')}-seed{config.seed}"
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  make_writable_dir(os.path.join(workdir, "samples"))
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(config_path):
     with open(config_path) as f:
@@ -532,7 +534,7 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
     batch_images, batch_labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                                      config.batch_size)
     state, metrics = gan_train_step(state, to_unit_range(batch_images), batch_labels,
-                                    jax.random.fold_in(step_key, state.step))
+                                    jax.random.fold_in(step_key, state.step), config.real_label)
     return state, jax.tree.map(jnp.add, sums, metrics)
 
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)

@@ -33,6 +33,7 @@ import optax
 from flax.training import train_state
 
 from jdl import checkpoint, optim
+from jdl.config import make_writable_dir, option
 from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 from jdl.logs import MetricWriter, write_json
 from jdl.models.rnn import LanguageModel
@@ -44,43 +45,39 @@ from jdl.train import PRNG_IMPL, StopSignals
 DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "text", "python_reference.txt")
 
 
-def _field(default, help: str):
-  return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class TextConfig:
   """Everything that defines a character language-model run."""
   # --- data ---
-  text_file: str = _field("", "a UTF-8 text file to model (default: the Python reference text shipped with jdl)")
-  dataset: str = _field("", "a TFDS text dataset instead, e.g. tiny_shakespeare (needs the data or the network)")
-  data_dir: Optional[str] = _field(None, "where TFDS data is looked for (TFDS default if unset)")
-  download: bool = _field(True, "allow TFDS to download and prepare a dataset that is not there")
-  validation_fraction: float = _field(0.1, "the last fraction of a single text held out for validation")
+  text_file: str = option("", "a UTF-8 text file to model (default: the Python reference text shipped with jdl)")
+  dataset: str = option("", "a TFDS text dataset instead, e.g. tiny_shakespeare (needs the data or the network)")
+  data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
+  download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
+  validation_fraction: float = option(0.1, "the last fraction of a single text held out for validation")
   # --- model ---
-  embed_dim: int = _field(64, "character embedding width")
-  hidden_size: int = _field(256, "LSTM units per layer")
-  num_layers: int = _field(2, "stacked LSTM layers")
-  dropout: float = _field(0.1, "dropout between layers and before the head, in [0, 1)")
+  embed_dim: int = option(64, "character embedding width")
+  hidden_size: int = option(256, "LSTM units per layer")
+  num_layers: int = option(2, "stacked LSTM layers")
+  dropout: float = option(0.1, "dropout between layers and before the head, in [0, 1)")
   # --- optimisation ---
-  optimizer: str = _field("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
-  learning_rate: float = _field(3e-3, "peak learning rate, per step")
-  schedule: str = _field("warmup_cosine", "constant, cosine, warmup_cosine, ... (as experiments.cifar)")
-  clip_norm: float = _field(1.0, "clip gradients to this global norm (0: off)")
-  seq_len: int = _field(100, "characters per training window (backpropagation through time)")
-  batch_size: int = _field(32, "windows per step")
-  steps: int = _field(1500, "training steps")
-  eval_every: int = _field(250, "steps between validation, checkpoint and metrics row")
+  optimizer: str = option("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
+  learning_rate: float = option(3e-3, "peak learning rate, per step")
+  schedule: str = option("warmup_cosine", "constant, cosine, warmup_cosine, ... (as experiments.cifar)")
+  clip_norm: float = option(1.0, "clip gradients to this global norm (0: off)")
+  seq_len: int = option(100, "characters per training window (backpropagation through time)")
+  batch_size: int = option(32, "windows per step")
+  steps: int = option(1500, "training steps")
+  eval_every: int = option(250, "steps between validation, checkpoint and metrics row")
   # --- sampling ---
-  sample_only: bool = _field(False, "restore --workdir's best checkpoint and print samples; no training")
-  sample_length: int = _field(300, "characters per sample")
-  temperatures: Tuple[float, ...] = _field((0.5, 1.0, 1.5), "softmax temperatures to sample at")
-  prompt: str = _field("\n", "text the samples continue (its characters must be in the vocabulary)")
+  sample_only: bool = option(False, "restore --workdir's best checkpoint and print samples; no training")
+  sample_length: int = option(300, "characters per sample")
+  temperatures: Tuple[float, ...] = option((0.5, 1.0, 1.5), "softmax temperatures to sample at")
+  prompt: str = option("\n", "text the samples continue (its characters must be in the vocabulary)")
   # --- run ---
-  seed: int = _field(0, "seed of initialisation, windows, dropout and sampling")
-  workdir: Optional[str] = _field(None, "checkpoints, metrics, samples go here; rerunning resumes (default runs/text-NAME-seedS)")
-  keep_checkpoints: int = _field(2, "latest checkpoints kept for resume (the best is kept separately)")
-  log_every: int = _field(50, "steps between progress-bar loss updates (each is a device sync)")
+  seed: int = option(0, "seed of initialisation, windows, dropout and sampling")
+  workdir: Optional[str] = option(None, "checkpoints, metrics, samples go here; rerunning resumes (default runs/text-NAME-seedS)")
+  keep_checkpoints: int = option(2, "latest checkpoints kept for resume (the best is kept separately)")
+  log_every: int = option(50, "steps between progress-bar loss updates (each is a device sync)")
 
 
 def validate(config: TextConfig) -> None:
@@ -394,13 +391,7 @@ def samples_report(model, params, vocab, config: TextConfig) -> Tuple[str, list]
 
 def _prepare_workdir(config: TextConfig) -> str:
   workdir = config.workdir or default_workdir(config)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    open(probe, "w").close()
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+  make_writable_dir(workdir)
   return workdir
 
 

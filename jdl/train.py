@@ -33,7 +33,7 @@ import optax
 from flax.training import train_state
 
 from jdl import checkpoint, losses, metrics as metrics_lib, optim
-from jdl.config import TrainConfig, default_workdir, validate
+from jdl.config import TrainConfig, default_workdir, make_writable_dir, validate
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
 from jdl.errors import ConfigError, Interrupted, TrainingError
 from jdl.logs import MetricWriter, write_json
@@ -277,13 +277,7 @@ def prepare_workdir(config: TrainConfig) -> Tuple[str, bool]:
   import json
   workdir = config.workdir or default_workdir(config)
   created = not os.path.exists(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    open(probe, "w").close()
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+  make_writable_dir(workdir)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     try:

@@ -86,3 +86,53 @@ def test_sequences_and_other_runs_are_refused(tmp_path, tiny_shapes):
       dataclasses.asdict(config(tmp_path, conditional=True))))
   with pytest.raises(ConfigError, match="holds a GAN run with conditional=True"):
     gan.fit(config(tmp_path), tiny_shapes, progress=False, log=lambda *a: None)
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_shapes, monkeypatch):
+  import signal
+  from jdl import train
+  from jdl.errors import Interrupted
+  quiet = dict(progress=False, log=lambda *a: None)
+  reference = gan.fit(config(tmp_path / "a", epochs=2), tiny_shapes, **quiet)
+
+  class TermAtSecondStep(train.StopSignals):
+    """In the GAN loop (the second StopSignals; the scoring cnn's fit is the
+    first), reports SIGTERM from its second look: after step 2 of epoch 1."""
+    instances = 0
+
+    def __enter__(self):
+      TermAtSecondStep.instances += 1
+      self.gan_loop, self.reads = TermAtSecondStep.instances == 2, 0
+      return super().__enter__()
+
+    @property
+    def signum(self):
+      if not getattr(self, "gan_loop", False):
+        return None
+      self.reads += 1
+      return signal.SIGTERM if self.reads >= 2 else None
+
+    @signum.setter
+    def signum(self, value):
+      pass
+
+  monkeypatch.setattr(train, "StopSignals", TermAtSecondStep)
+  interrupted = config(tmp_path / "b", epochs=2)
+  with pytest.raises(Interrupted, match=r"at step 2 \(epoch 1\)"):
+    gan.fit(interrupted, tiny_shapes, **quiet)
+  monkeypatch.undo()
+  resumed = gan.fit(interrupted, tiny_shapes, **quiet)
+  assert resumed["frechet_distance_by_epoch"] == reference["frechet_distance_by_epoch"]
+  assert resumed["final_losses"] == reference["final_losses"]
+
+
+def test_unwritable_workdirs_are_one_line_errors(tmp_path, tiny_shapes):
+  from jdl import colorize
+  blocked = tmp_path / "blocked"
+  blocked.write_text("a file where the workdir's parent should be")
+  with pytest.raises(ConfigError, match="is not writable"):
+    gan.fit(config(tmp_path, workdir=str(blocked / "run")), tiny_shapes, progress=False,
+            log=lambda *a: None)
+  with pytest.raises(ConfigError, match="is not writable"):
+    colorize.fit(colorize.ColorizeConfig(width=8, batch_size=16, workdir=str(blocked / "run")),
+                 tiny_shapes, progress=False, log=lambda *a: None)
