@@ -1,0 +1,61 @@
+r"""Times jdl's training step (and, with --compare=torch, PyTorch's) on this machine.
+
+  python -m experiments.benchmark --model=cnn --batch_size=128
+  python -m experiments.benchmark --model=lstm --batch_size=64 --compare=torch
+  python -m experiments.benchmark --model=dcgan --batch_size=64 --compare=torch --json
+  python -m experiments.benchmark --model=fastnet --precision=bfloat16 --steps_per_call=10
+Synthetic data, warm-up excluded; compile time is reported separately (cold).
+See jdl/benchmark.py for what each figure means.
+"""
+import json
+
+from absl import flags
+
+from jdl import benchmark, cli
+from jdl.errors import ConfigError
+
+flags.DEFINE_string("model", "cnn", "a jdl classifier (cnn, lstm, fastnet, resnet18, ...) or dcgan")
+flags.DEFINE_integer("batch_size", 128, "examples per training step")
+flags.DEFINE_string("precision", "float32", "compute dtype: float32 or bfloat16")
+flags.DEFINE_integer("steps", 20, "timed calls")
+flags.DEFINE_integer("warmup", 3, "untimed calls after compiling")
+flags.DEFINE_integer("steps_per_call", 1, "training steps per host call, in one lax.scan")
+flags.DEFINE_string("compare", "", "'torch': time the same architecture in PyTorch in the same run")
+flags.DEFINE_boolean("json", False, "print one JSON object instead of a table")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if FLAGS.compare not in ("", "torch"):
+    raise ConfigError(f"--compare must be torch or empty, got {FLAGS.compare!r}")
+  result = benchmark.benchmark(FLAGS.model, batch_size=FLAGS.batch_size, precision=FLAGS.precision,
+                               steps=FLAGS.steps, warmup=FLAGS.warmup,
+                               steps_per_call=FLAGS.steps_per_call)
+  if FLAGS.compare:
+    torch_result = benchmark.benchmark_torch(FLAGS.model, batch_size=FLAGS.batch_size,
+                                             precision=FLAGS.precision, steps=FLAGS.steps,
+                                             warmup=FLAGS.warmup, expected_params=result["params"])
+    result["torch"] = torch_result
+    result["ratio_vs_torch"] = result["examples_per_s"] / torch_result["examples_per_s"]
+  if FLAGS.json:
+    print(json.dumps(result, sort_keys=True))
+    return
+  rows = [result] + ([result["torch"]] if FLAGS.compare else [])
+  print(f"{'framework':<10}{'model':<10}{'batch':>6}{'params':>12}{'compile s':>11}"
+        f"{'step ms (p10-p90)':>24}{'ex/s':>10}{'GFLOP/step':>12}{'MFU':>7}")
+  for r in rows:
+    flops = r.get("flops_per_step")
+    mfu = r.get("mfu")
+    print(f"{r['framework']:<10}{r['model']:<10}{r['batch_size']:>6}{r['params']:>12,}"
+          f"{r['compile_s']:>11.2f}"
+          f"{r['step_ms']:>10.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})".ljust(0)
+          + f"{r['examples_per_s']:>10,.0f}{(flops or 0) / 1e9:>12.2f}"
+          + (f"{mfu:>7.1%}" if mfu else f"{'n/a':>7}"))
+  print(f"device: {result['device_kind']} x{result['device_count']}")
+  if FLAGS.compare:
+    print(f"jdl / PyTorch throughput: {result['ratio_vs_torch']:.2f}x")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,255 @@
+"""Honest speed measurement of one jitted training step, and the PyTorch side.
+
+    result = benchmark("cnn", batch_size=128, steps=50)
+    print(result["step_ms"], result["examples_per_s"], result["mfu"])
+
+What is measured and how:
+  compile_s       `jit(...).lower(...).compile()` of the step, timed alone
+                  (with the persistent compilation cache off, so it is cold).
+  step_ms         median wall time of one training step (a call runs
+                  `steps_per_call` steps in a `lax.scan`; its time is divided),
+                  after `warmup` calls, each call synchronised with
+                  `block_until_ready`; `step_ms_p10`/`p90` give the spread.
+  flops_per_step  XLA's cost analysis of the compiled step (per step).
+  mfu             flops_per_step / step time / the device's dense peak
+                  (`PEAK_FLOPS`); None where the peak is unknown (CPUs).
+  peak_memory_bytes  `device.memory_stats()['peak_bytes_in_use']` where the
+                  backend reports it (GPU, TPU), else None.
+Data is synthetic (fixed random arrays of the right shape, already on the
+device): the benchmark times the step, not an input pipeline.
+"""
+import functools
+import os
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdl import gan, optim
+from jdl.errors import ConfigError
+from jdl.models import MODELS, build_model
+from jdl.summary import count_params
+from jdl.train import PRNG_IMPL, TrainState, train_step
+
+# Dense peak FLOP/s by device-kind substring and compute precision (vendor
+# datasheets, SXM parts, without sparsity). float32 means plain FP32 units
+# (XLA may use TF32 on Ampere+ for float32 matmuls; this table does not
+# credit that). Matched in order, first hit wins.
+PEAK_FLOPS = [
+    ("H200", {"bfloat16": 989e12, "float32": 67e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 67e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 19.5e12}),
+    ("L4", {"bfloat16": 121e12, "float32": 30.3e12}),
+    ("V100", {"bfloat16": None, "float32": 15.7e12}),
+    ("TPU v5p", {"bfloat16": 459e12, "float32": None}),
+    ("TPU v5 lite", {"bfloat16": 197e12, "float32": None}),
+    ("TPU v4", {"bfloat16": 275e12, "float32": None}),
+]
+
+# The benchmark's models: registry classifiers plus 'dcgan' (a GAN step).
+# Per model: example shape without the batch axis, and the optimizer the
+# course notes' version trains it with.
+SEQUENCE_SHAPE = (40, 32)  # LSTM benchmark: length 40, 32 features
+DEFAULTS = {
+    "cnn": dict(shape=(32, 32, 3), optimizer="rmsprop", learning_rate=1e-3),
+    "lstm": dict(shape=SEQUENCE_SHAPE, optimizer="adam", learning_rate=1e-3),
+    "gru": dict(shape=SEQUENCE_SHAPE, optimizer="adam", learning_rate=1e-3),
+    "rnn": dict(shape=SEQUENCE_SHAPE, optimizer="adam", learning_rate=1e-3),
+    "cnn1d": dict(shape=(40, 1), optimizer="adam", learning_rate=1e-3),
+}
+IMAGE_DEFAULT = dict(shape=(32, 32, 3), optimizer="momentum", learning_rate=0.1)
+
+
+def peak_flops(device_kind: str, precision: str) -> Optional[float]:
+  """Dense peak FLOP/s of a device kind at `precision`, None if unknown."""
+  for key, peaks in PEAK_FLOPS:
+    if key.lower() in device_kind.lower():
+      return peaks.get(precision)
+  return None
+
+
+def model_names():
+  return sorted(MODELS.names()) + ["dcgan"]
+
+
+def _classifier_step(name: str, batch_size: int, precision: str, seed: int = 0):
+  """(jittable fn(state, key) -> (state, loss), state, example shape) for a classifier."""
+  settings = DEFAULTS.get(name, IMAGE_DEFAULT)
+  dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+  overrides = {"num_classes": 10, "dtype": dtype}
+  if name in ("lstm", "gru", "rnn"):
+    overrides["hidden_size"] = 128
+  model = build_model(name, **overrides)
+  shape = settings["shape"]
+  tx = optim.make_optimizer(settings["optimizer"], settings["learning_rate"])
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.normal(size=(batch_size, *shape)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(seed, impl=PRNG_IMPL), images[:1])
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                            batch_stats=variables.get("batch_stats"))
+
+  def step(state, key):
+    state, metrics = train_step(state, (images, labels), key)
+    return state, metrics["loss"]
+  return step, state, count_params(variables["params"])
+
+
+def _dcgan_step(batch_size: int, precision: str, seed: int = 0):
+  """The experiments.gan step (D then G) at its default sizes on 32x32x3."""
+  from jdl.models.decoder import Discriminator, Generator
+  config = gan.GANConfig()
+  dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+  generator = Generator((32, 32, 3), config.g_width, dtype=dtype)
+  discriminator = Discriminator(config.d_width, dtype=dtype)
+  state = gan.create_gan_state(generator, discriminator, (32, 32, 3), config.latent_dim,
+                               jax.random.key(seed, impl=PRNG_IMPL))
+  images = jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (batch_size, 32, 32, 3)),
+                       jnp.float32)
+
+  def step(state, key):
+    state, metrics = gan.gan_train_step(state, images, None, key, config.real_label)
+    return state, metrics["d_loss"]
+  params = count_params(state.g.params) + count_params(state.d.params)
+  return step, state, params
+
+
+def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", steps: int = 20,
+              warmup: int = 3, steps_per_call: int = 1, seed: int = 0) -> Dict:
+  """Times the training step of `model`; returns the figures described above.
+
+  Arguments:
+    model: a registered classifier name or 'dcgan'.
+    batch_size: examples per step.
+    precision: 'float32' or 'bfloat16' compute (parameters stay float32).
+    steps: timed calls.
+    warmup: untimed calls after compiling.
+    steps_per_call: K steps per call, in one `lax.scan`.
+    seed: of the synthetic data and initialisation.
+  """
+  if model not in model_names():
+    raise ConfigError(f"unknown model {model!r}; choose one of: {', '.join(model_names())}")
+  if precision not in ("float32", "bfloat16"):
+    raise ConfigError(f"precision must be float32 or bfloat16, got {precision!r}")
+  for name, value in (("batch_size", batch_size), ("steps", steps), ("steps_per_call", steps_per_call)):
+    if value < 1:
+      raise ConfigError(f"{name} must be >= 1, got {value}")
+  if warmup < 0:
+    raise ConfigError(f"warmup must be >= 0, got {warmup}")
+  if model == "dcgan":
+    step, state, num_params = _dcgan_step(batch_size, precision, seed)
+  else:
+    step, state, num_params = _classifier_step(model, batch_size, precision, seed)
+
+  # K = 1: the step itself. K > 1: a scan, fully unrolled on CPU, where XLA
+  # runs a step inside a while loop ~6x slower (cnn: 1.08 s vs 0.17 s per step
+  # in a length-1 scan; BUILD_NOTES.md), rolled on accelerators.
+  unroll = True if jax.default_backend() == "cpu" else 1
+
+  def call(state, key):
+    if steps_per_call == 1:
+      return step(state, key)
+    keys = jax.random.split(key, steps_per_call)
+    state, losses = jax.lax.scan(step, state, keys, unroll=unroll)
+    return state, losses[-1]
+
+  key = jax.random.key(seed + 1, impl=PRNG_IMPL)
+  jitted = jax.jit(call, donate_argnums=0)
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # a cold compile, honestly
+  try:
+    start = time.perf_counter()
+    compiled = jitted.lower(state, key).compile()
+    compile_s = time.perf_counter() - start
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) / steps_per_call if cost else None
+
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, loss = compiled(state, jax.random.fold_in(key, i))
+    jax.block_until_ready(loss)
+    if i >= warmup:
+      times.append((time.perf_counter() - start) / steps_per_call)
+  if not np.isfinite(float(loss)):
+    raise ConfigError(f"{model} produced a non-finite loss on synthetic data")
+  step_s = statistics.median(times)
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind, precision)
+  memory = None
+  try:
+    stats = device.memory_stats()
+    memory = stats.get("peak_bytes_in_use") if stats else None
+  except Exception:  # noqa: BLE001 -- backends without memory stats
+    memory = None
+  return {
+      "framework": "jdl",
+      "model": model,
+      "batch_size": batch_size,
+      "precision": precision,
+      "steps_per_call": steps_per_call,
+      "params": num_params,
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "compile_s": compile_s,
+      "step_ms": 1e3 * step_s,
+      "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+      "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+      "examples_per_s": batch_size / step_s,
+      "flops_per_step": flops,
+      "mfu": (flops / step_s / peak) if (flops and peak) else None,
+      "peak_memory_bytes": memory,
+      "jax_version": jax.__version__,
+  }
+
+
+def benchmark_torch(model: str, *, batch_size: int, precision: str = "float32", steps: int = 20,
+                    warmup: int = 3, expected_params: Optional[int] = None) -> Dict:
+  """The same architecture and step in PyTorch, timed the same way.
+
+  On GPU it gets its fair best: channels_last, bfloat16 autocast when
+  precision is bfloat16, and torch.compile. Raises ConfigError if PyTorch is
+  not installed, has no version of `model`, or its parameter count differs.
+  """
+  try:
+    import torch
+    from jdl import torch_reference
+  except ImportError:
+    raise ConfigError("--compare=torch needs PyTorch: pip install -e '.[torch]'") from None
+  if model not in torch_reference.NAMES:
+    raise ConfigError(f"no PyTorch version of {model!r}; --compare=torch supports: "
+                      f"{', '.join(torch_reference.NAMES)}")
+  params = torch_reference.count_params(model)
+  if expected_params is not None and params != expected_params:
+    raise ConfigError(f"PyTorch {model} has {params:,} parameters, jdl's has {expected_params:,}")
+  cuda = torch.cuda.is_available()
+  # As many threads as cores, as XLA:CPU uses (PyTorch's default too; set
+  # explicitly so a caller's earlier setting does not skew the comparison).
+  torch.set_num_threads(os.cpu_count() or 1)
+  step = torch_reference.build(model, batch_size, device="cuda" if cuda else "cpu",
+                               channels_last=cuda, compile=cuda,
+                               autocast_bf16=precision == "bfloat16")
+  timed = torch_reference.time_steps(step, steps=steps, warmup=warmup)
+  step_s = statistics.median(timed["step_ms"]) / 1e3
+  return {
+      "framework": "torch",
+      "model": model,
+      "batch_size": batch_size,
+      "precision": precision,
+      "params": params,
+      "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+      "compile_s": timed["compile_s"],
+      "step_ms": 1e3 * step_s,
+      "step_ms_p10": float(np.percentile(timed["step_ms"], 10)),
+      "step_ms_p90": float(np.percentile(timed["step_ms"], 90)),
+      "examples_per_s": batch_size / step_s,
+      "torch_version": torch.__version__,
+      "threads": torch.get_num_threads(),
+  }

@@ -1,0 +1,64 @@
+"""experiments.benchmark: figures present and plausible, errors, the PyTorch side where installed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jdl import benchmark
+from jdl.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_peak_table():
+  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert benchmark.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+  assert benchmark.peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
+  assert benchmark.peak_flops("cpu", "float32") is None
+
+
+def test_logistic_figures_are_plausible():
+  batch, features, classes = 16, 32 * 32 * 3, 10
+  result = benchmark.benchmark("logistic", batch_size=batch, steps=3, warmup=1)
+  assert result["params"] == features * classes + classes
+  assert result["compile_s"] > 0 and result["step_ms"] > 0
+  assert result["step_ms_p10"] <= result["step_ms"] <= result["step_ms_p90"]
+  assert result["examples_per_s"] == pytest.approx(batch / result["step_ms"] * 1e3)
+  # Forward matmul 2*B*D*C FLOPs; backward adds the kernel gradient (the same
+  # again; no input gradient is needed); the rest (softmax, Adam) is small.
+  matmul = 2 * batch * features * classes
+  assert 2 * matmul <= result["flops_per_step"] <= 4 * matmul
+  assert result["mfu"] is None  # CPU peak unknown
+  scanned = benchmark.benchmark("logistic", batch_size=batch, steps=2, warmup=1, steps_per_call=3)
+  assert scanned["flops_per_step"] == pytest.approx(result["flops_per_step"], rel=0.05)
+
+
+def test_bad_benchmark_input():
+  with pytest.raises(ConfigError, match="unknown model 'resnet99'"):
+    benchmark.benchmark("resnet99")
+  with pytest.raises(ConfigError, match="precision must be"):
+    benchmark.benchmark("cnn", precision="float16")
+  with pytest.raises(ConfigError, match="steps_per_call must be >= 1"):
+    benchmark.benchmark("cnn", steps_per_call=0)
+
+
+def test_benchmark_entrypoint_json():
+  result = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--model=logistic",
+                           "--batch_size=8", "--steps=2", "--warmup=1", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ("model", "batch_size", "precision", "device_kind", "compile_s", "step_ms",
+              "examples_per_s", "flops_per_step", "mfu"):
+    assert key in row, key
+
+
+@pytest.mark.parametrize("model,batch", [("lstm", 8), ("cnn", 8)])
+def test_compare_torch(model, batch):
+  pytest.importorskip("torch")
+  jdl_side = benchmark.benchmark(model, batch_size=batch, steps=2, warmup=1)
+  torch_side = benchmark.benchmark_torch(model, batch_size=batch, steps=2, warmup=1,
+                                         expected_params=jdl_side["params"])
+  assert torch_side["params"] == jdl_side["params"] and torch_side["step_ms"] > 0

@@ -1,0 +1,113 @@
+"""The PyTorch twins in jdl/torch_reference.py: same architecture as jdl's, steps that train."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from jdl.models.cnn import CNN  # noqa: E402
+from jdl.models.decoder import Discriminator, Generator  # noqa: E402
+from jdl.models.rnn import RNNClassifier, convert_torch_state_dict  # noqa: E402
+from jdl.summary import count_params  # noqa: E402
+from jdl import torch_reference as tr  # noqa: E402
+
+LSTM_KWARGS = dict(cell='lstm', hidden_size=128, num_layers=1, num_classes=10)
+
+
+def _jdl_variables(module, shape):
+  """Shapes only (no compilation) of module.init on zeros of `shape`."""
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(shape), train=False))
+
+
+def _jdl_param_count(name):
+  if name == 'cnn':
+    return count_params(_jdl_variables(CNN(), (1, 32, 32, 3))['params'])
+  if name == 'lstm':
+    return count_params(_jdl_variables(RNNClassifier(**LSTM_KWARGS), (1, 40, 32))['params'])
+  g = _jdl_variables(Generator((32, 32, 3), 128), (1, 100))
+  d = _jdl_variables(Discriminator(32), (1, 32, 32, 3))
+  return count_params(g['params']) + count_params(d['params'])
+
+
+@pytest.mark.parametrize("name, expected", [("cnn", 528_054), ("lstm", 84_234), ("dcgan", 538_468)])
+def test_param_counts_equal_jdl(name, expected):
+  jdl_count = _jdl_param_count(name)
+  assert tr.count_params(name) == jdl_count
+  if expected is not None:
+    assert jdl_count == expected
+
+
+def test_dcgan_batch_norm_buffers_equal_jdl_batch_stats():
+  models = tr.make_models('dcgan')
+  for key, module, shape in (('g', Generator((32, 32, 3), 128), (1, 100)),
+                             ('d', Discriminator(32), (1, 32, 32, 3))):
+    stats = count_params(_jdl_variables(module, shape)['batch_stats'])
+    buffers = sum(b.numel() for n, b in models[key].named_buffers()
+                  if n.endswith(('running_mean', 'running_var')))
+    assert buffers == stats
+
+
+def test_unknown_name_lists_known():
+  with pytest.raises(ValueError, match="cnn, lstm, dcgan"):
+    tr.count_params('vgg')
+
+
+@pytest.mark.parametrize("name", tr.NAMES)
+def test_step_trains(name):
+  torch.manual_seed(0)
+  step = tr.build(name, batch_size=8)
+  before = {k: [p.detach().clone() for p in m.parameters()] for k, m in step.modules.items()}
+  for _ in range(3):
+    step()
+  assert step.losses
+  for loss in step.losses.values():
+    assert math.isfinite(float(loss))
+  for key, module in step.modules.items():  # every network (G and D too) was updated
+    changed = [not torch.equal(a, b) for a, b in zip(before[key], module.parameters())]
+    assert all(changed), (key, changed)
+
+
+def test_dcgan_generator_pass_leaves_discriminator_running_stats():
+  step = tr.build('dcgan', batch_size=8)
+  d = step.modules['d']
+  bn = next(m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d))
+  step()
+  # Only D's own update (two batches) moved the running mean: 2 counts, not 3.
+  assert int(bn.num_batches_tracked) == 2
+  assert bn.track_running_stats
+
+
+def test_channels_last_and_autocast_steps_run():
+  step = tr.build('cnn', batch_size=4, channels_last=True, autocast_bf16=True)
+  out = tr.time_steps(step, steps=2, warmup=1)
+  assert out['compile_s'] > 0 and len(out['step_ms']) == 2
+  assert math.isfinite(float(step.losses['loss']))
+  step = tr.build('dcgan', batch_size=4, channels_last=True)
+  step()
+  assert all(math.isfinite(float(v)) for v in step.losses.values())
+
+
+def test_lstm_logits_equal_jdl():
+  torch.manual_seed(0)
+  model = tr.LSTMClassifier().eval()
+  x = np.random.default_rng(0).standard_normal((4, 40, 32)).astype(np.float32)  # (B, T, F)
+  params = {'rnn': convert_torch_state_dict(model.rnn.state_dict(), 'lstm', 1, False),
+            'head': {'kernel': model.head.weight.detach().numpy().T,
+                     'bias': model.head.bias.detach().numpy()}}
+  logits, _ = RNNClassifier(**LSTM_KWARGS).apply({'params': params}, x)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
+def test_cnn_logits_equal_jdl():
+  torch.manual_seed(0)
+  model = tr.CNN().eval()
+  x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)  # (B, H, W, C)
+  logits, _ = CNN().apply({'params': tr.cnn_params_to_jdl(model)}, x)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()  # NCHW in
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
