@@ -155,3 +155,30 @@ def restore(manager: ocp.CheckpointManager, target: Any,
 def _first_line(e: Exception, limit: int = 200) -> str:
   text = str(e).strip().splitlines()
   return (text[0] if text else "")[:limit]
+
+
+def restore_arrays(directory: str) -> Optional[Tuple[Tuple[Any, dict], int]]:
+  """The newest checkpoint in `directory` as stored (nested dicts of arrays).
+
+  For reading another run's weights without knowing its exact structure (e.g.
+  its class count, for transfer learning); nothing in `directory` is changed.
+  Returns ((state, meta), step), or None when there is no checkpoint.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    where = os.path.join(str(manager.directory), str(step))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 -- any failure to read is reported, with its cause.
+      raise CheckpointError(f"checkpoint {where} is damaged or unreadable "
+                            f"({type(e).__name__}: {_first_line(e)})") from None
+    return (restored["state"], dict(restored["meta"])), step
+  finally:
+    manager.close()

@@ -271,3 +271,59 @@ def learning_rate_at(learning_rate: Union[float, Callable], step: int) -> float:
   if callable(learning_rate):
     return float(learning_rate(step))
   return float(learning_rate)
+
+
+# ----------------------------------------------------------------------------
+# Freezing: parameters chosen by path get no update at all.
+# ----------------------------------------------------------------------------
+
+def path_of(key_path) -> str:
+  """'backbone/layer1_0/conv1/kernel' for a jax tree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
+
+
+def path_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+  """A predicate on parameter paths: True when any regex in `patterns` matches.
+
+  Paths look like 'backbone/layer1_0/conv1/kernel' (module names joined by '/');
+  patterns use `re.search`, so '^backbone/' freezes a whole submodule and
+  'bn' every BatchNorm. A bad regex is a ConfigError.
+  """
+  import re
+  try:
+    compiled = [re.compile(p) for p in patterns]
+  except re.error as e:
+    raise ConfigError(f"bad freeze pattern {e.pattern!r}: {e}") from None
+  return lambda path: any(c.search(path) for c in compiled)
+
+
+def frozen_mask(tree, patterns: Sequence[str]):
+  """A tree of Python bools like `tree`: True where the leaf's path matches."""
+  import jax
+  matches = path_matcher(patterns)
+  return jax.tree_util.tree_map_with_path(lambda kp, _: matches(path_of(kp)), tree)
+
+
+def freeze(tx: optax.GradientTransformation, params, patterns: Sequence[str]
+           ) -> optax.GradientTransformation:
+  """`tx` for the parameters not matching `patterns`; zero updates for the rest.
+
+  Built with optax.multi_transform + set_to_zero, so frozen parameters keep no
+  optimizer state and stay bit-identical (p + 0 == p), weight decay included.
+  Every pattern must match at least one parameter (a typo would otherwise
+  silently train everything).
+
+  Arguments:
+    tx: the optimizer of the trainable parameters.
+    params: the parameter tree (arrays or ShapeDtypeStructs).
+    patterns: regexes on parameter paths, see `path_matcher`.
+  """
+  import jax
+  paths = [path_of(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for pattern in patterns:
+    if not any(path_matcher([pattern])(p) for p in paths):
+      raise ConfigError(f"freeze pattern {pattern!r} matches no parameter; paths look like "
+                        f"{', '.join(paths[:3])}")
+  labels = jax.tree.map(lambda frozen: "frozen" if frozen else "trainable",
+                        frozen_mask(params, patterns))
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -87,10 +87,22 @@ def build_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int)
   return tx, schedule
 
 
-def create_train_state(model, input_shape, tx, rng) -> TrainState:
-  """Initialises parameters (and BatchNorm statistics) for (1, *input_shape) inputs."""
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init({"params": rng}, jnp.zeros((1, *input_shape), jnp.float32))
+def create_train_state(model, input_shape, tx, rng, *, variables=None,
+                       frozen: Sequence[str] = ()) -> TrainState:
+  """Initialises parameters (and BatchNorm statistics) for (1, *input_shape) inputs.
+
+  Arguments:
+    model, input_shape, tx, rng: the module, one example's shape, the optimizer
+      and the init key.
+    variables: optional {'params', 'batch_stats'} to start from instead (e.g.
+      pretrained weights put in place by `jdl.transfer.restore_matching`).
+    frozen: regexes on parameter paths that get no update (`optim.freeze`).
+  """
+  if variables is None:
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init({"params": rng}, jnp.zeros((1, *input_shape), jnp.float32))
+  if frozen:
+    tx = optim.freeze(tx, variables["params"], frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats"))
 
@@ -107,7 +119,7 @@ def _variables(state: TrainState, params) -> dict:
 
 
 def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
-               l1: float = 0.0, l2: float = 0.0, top_k: int = 5):
+               l1: float = 0.0, l2: float = 0.0, top_k: int = 5, frozen_stats=None):
   """One gradient step on a batch. Pure: jit it, vmap it, scan it.
 
   A step whose loss or gradients are not finite changes nothing but the step
@@ -122,6 +134,8 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
     rng: key for dropout.
     label_smoothing, l1, l2: loss terms (see jdl.losses); static.
     top_k: also report top-k accuracy when there are more than k classes.
+    frozen_stats: optional tree of Python bools like state.batch_stats; True
+      leaves (BatchNorm statistics of frozen layers) keep their old values.
   Returns:
     (new state, metrics dict of scalars: loss, accuracy, [top5,] grad_norm,
     loss_finite, skipped). Metrics of a skipped step are those of the failed
@@ -142,8 +156,11 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
     return loss, (logits, updates, data_loss)
 
   (loss, (logits, updates, data_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads,
-                                    batch_stats=updates.get("batch_stats", state.batch_stats))
+  batch_stats = updates.get("batch_stats", state.batch_stats)
+  if frozen_stats is not None:
+    batch_stats = jax.tree.map(lambda keep, old, new: old if keep else new,
+                               frozen_stats, state.batch_stats, batch_stats)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   grad_norm = optax.global_norm(grads)
   loss_finite = jnp.isfinite(loss)
   ok = loss_finite & jnp.isfinite(grad_norm)
@@ -177,7 +194,7 @@ def eval_step(state: TrainState, batch, mask, *, top_k: int = 5) -> Dict[str, ja
   return sums
 
 
-def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5):
+def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5, frozen_stats=None):
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
@@ -192,7 +209,7 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5):
   """
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   step_fn = functools.partial(train_step, label_smoothing=config.label_smoothing,
-                              l1=config.l1, l2=config.l2, top_k=top_k)
+                              l1=config.l1, l2=config.l2, top_k=top_k, frozen_stats=frozen_stats)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_fn(state, sums, data, order, index, step_key):
@@ -351,12 +368,21 @@ def _format_row(row: Dict[str, float]) -> str:
 
 
 def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
+        model=None, variables=None, frozen: Sequence[str] = (), input_stats=None,
         progress: bool = True, log=print):
   """Trains a classifier as `config` says, resuming from its workdir if possible.
 
   Arguments:
     config: the run's TrainConfig (validated here).
     dataset: data already in memory; loaded by name from `config` when None.
+    model: a Flax module to train instead of `config.model` (transfer learning);
+      it must return (logits, features) like every jdl model.
+    variables: {'params', 'batch_stats'} to start from instead of a fresh init
+      (a resumed run restores its checkpoint over them).
+    frozen: regexes on parameter paths ('backbone/conv1/kernel') that are not
+      trained: no optimizer update, and their BatchNorm statistics kept.
+    input_stats: (mean, std) per channel to normalise inputs with, instead of
+      the training split's (e.g. (0, 1) for precomputed features).
     progress: show progress bars.
     log: where status lines go (print by default).
   Returns:
@@ -387,21 +413,28 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # Leave no empty run directory behind a failed start.
     raise
-  write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
+  # The config, plus what rebuilding the model needs (transfer learning reads it).
+  write_json(os.path.join(workdir, "config.json"),
+             {**dataclasses.asdict(config), "num_classes": num_classes,
+              "input_shape": list(dataset.input_shape)})
   steps_per_epoch = num_train // config.batch_size  # The remainder is dropped; order changes every epoch.
-  mean, std = pipeline.channel_stats(train[0])
+  mean, std = input_stats if input_stats is not None else pipeline.channel_stats(train[0])
   data = jax.device_put({"images": train[0], "labels": train[1]})
   eval_batch_size = min(1000, max(len(dataset.test[1]), 1))
   val_batched = batch_for_eval(val, eval_batch_size) if len(val[1]) else None
   test_batched = batch_for_eval(dataset.test, eval_batch_size)
 
   # --- Model, optimizer and state. ---
-  model = build_classifier(config, num_classes)
-  summary = summarize(model, dataset.input_shape)
+  model = model or build_classifier(config, num_classes)
+  summary = summarize(model, dataset.input_shape,
+                      frozen=optim.path_matcher(frozen) if frozen else None)
   log(f"Model {config.model} on {dataset.name} {dataset.input_shape}, {num_classes} classes\n{summary}")
   tx, schedule = build_optimizer(config, steps_per_epoch * config.epochs, steps_per_epoch)
   init_key, data_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL), 3)
-  state = create_train_state(model, dataset.input_shape, tx, init_key)
+  state = create_train_state(model, dataset.input_shape, tx, init_key, variables=variables,
+                             frozen=frozen)
+  frozen_stats = (optim.frozen_mask(state.batch_stats, frozen)
+                  if frozen and state.batch_stats is not None else None)
 
   # --- Checkpoints: resume if the workdir has one. ---
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
@@ -420,7 +453,7 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   writer = MetricWriter(workdir, meta["epoch"])
 
   # --- Training loop: one jitted step per batch, metrics fetched at log points. ---
-  train_fn = make_train_fn(config, mean, std)
+  train_fn = make_train_fn(config, mean, std, frozen_stats=frozen_stats)
   eval_fn = make_eval_fn(config, mean, std)
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
   compile_s = None

@@ -354,7 +354,7 @@ def test_bad_values_are_config_errors(name, overrides):
 
 def test_model_fields_and_list_overrides():
   assert model_fields('cnn') == {'filters', 'kernel_size', 'dense_size', 'num_classes',
-                                 'activation', 'dropout', 'head_dropout', 'dtype'}
+                                 'activation', 'dropout', 'head_dropout', 'dtype', 'cut_at'}
   assert 'depth' in model_fields('vgg16')
   model = build_model('mlp', hidden_sizes=[8, 4])  # a list from a config file
   assert model.hidden_sizes == (8, 4)

@@ -10,7 +10,7 @@
 On 32x32x3 inputs: 208 + 2,080 + 8,256 + 512,500 + 5,010 = 528,054 parameters,
 the figure Keras' model.summary() prints.
 """
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -32,6 +32,8 @@ class CNN(nn.Module):
     dropout: rate after the last conv block.
     head_dropout: rate before the output Dense.
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    cut_at: stop after this named feature and return (None, features); the
+      layers after it are never created (transfer learning). None: whole model.
   """
   filters: Sequence[int] = (16, 32, 64)
   kernel_size: int = 2
@@ -41,6 +43,7 @@ class CNN(nn.Module):
   dropout: float = 0.3
   head_dropout: float = 0.4
   dtype: Any = jnp.float32
+  cut_at: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -58,12 +61,17 @@ class CNN(nn.Module):
       x = act(x)
       x = layers.MaxPool(2, name=f'pool{i + 1}')(x)  # (B, H/2, W/2, width)
       features[f'block{i + 1}'] = x
+      if self.cut_at == f'block{i + 1}':
+        return None, features
     x = nn.Dropout(self.dropout, deterministic=not train, name='dropout1')(x)
     x = layers.Flatten(name='flatten')(x)
     x = nn.Dense(self.dense_size, dtype=self.dtype, name='dense1')(x)
     x = act(x)
     x = nn.Dropout(self.head_dropout, deterministic=not train, name='dropout2')(x)
     features['pre_logits'] = x  # (B, dense_size)
+    if self.cut_at == 'pre_logits':
+      return None, features
+    layers.check_cut(self, features)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32), features
 
@@ -79,11 +87,14 @@ class LeNet5(nn.Module):
     activation: activation name after every conv and hidden Dense.
     pool: 'max' or 'avg' (the 1998 paper used average-like subsampling).
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    cut_at: stop after this named feature and return (None, features); the
+      layers after it are never created (transfer learning). None: whole model.
   """
   num_classes: int = 10
   activation: str = 'relu'
   pool: str = 'max'
   dtype: Any = jnp.float32
+  cut_at: Optional[str] = None
 
   def __post_init__(self):
     if self.pool not in ('max', 'avg'):
@@ -105,12 +116,19 @@ class LeNet5(nn.Module):
     x = act(nn.Conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='conv1')(x))
     x = pool(2, name='pool1')(x)  # 32x32 -> 28x28 -> (B, 14, 14, 6)
     features['block1'] = x
+    if self.cut_at == 'block1':
+      return None, features
     x = act(nn.Conv(16, (5, 5), padding='VALID', dtype=self.dtype, name='conv2')(x))
     x = pool(2, name='pool2')(x)  # 14x14 -> 10x10 -> (B, 5, 5, 16)
     features['block2'] = x
+    if self.cut_at == 'block2':
+      return None, features
     x = layers.Flatten(name='flatten')(x)
     x = act(nn.Dense(120, dtype=self.dtype, name='dense1')(x))
     x = act(nn.Dense(84, dtype=self.dtype, name='dense2')(x))
     features['pre_logits'] = x  # (B, 84)
+    if self.cut_at == 'pre_logits':
+      return None, features
+    layers.check_cut(self, features)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32), features

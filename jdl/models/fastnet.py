@@ -15,7 +15,7 @@ scale is fixed at 1), with eps 1e-12 and torch momentum 0.6, i.e. Flax
 momentum 0.4: running stats move fast because a run is only ~10 epochs.
 On 32x32x3 with 10 classes: 1,971,640 params.
 """
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -66,6 +66,8 @@ class FastNet(nn.Module):
       suits its learning rate).
     bn_momentum: Flax BatchNorm momentum (0.4 = torch momentum 0.6).
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    cut_at: stop after this named feature and return (None, features); the
+      layers after it are never created (transfer learning). None: whole model.
   """
   widths: Sequence[int] = (64, 256, 256)
   whiten_width: int = 24
@@ -74,6 +76,7 @@ class FastNet(nn.Module):
   logit_scale: float = 1 / 9
   bn_momentum: float = 0.4
   dtype: Any = jnp.float32
+  cut_at: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -89,11 +92,18 @@ class FastNet(nn.Module):
                 name='whiten')(x)  # (B, H-1, W-1, whiten_width)
     x = act(x)
     features['stem'] = x
+    if self.cut_at == 'stem':
+      return None, features
     for i, width in enumerate(self.widths):
       x = ConvGroup(width, activation=self.activation, bn_momentum=self.bn_momentum,
                     dtype=self.dtype, name=f'group{i + 1}')(x, train)
       features[f'group{i + 1}'] = x
+      if self.cut_at == f'group{i + 1}':
+        return None, features
     x = layers.GlobalMaxPool(name='maxpool')(x)  # (B, widths[-1])
     features['pre_logits'] = x
+    if self.cut_at == 'pre_logits':
+      return None, features
+    layers.check_cut(self, features)
     logits = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32) * self.logit_scale, features

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jdl import activations
+from jdl.errors import ConfigError
 
 # A side length or (height, width).
 Size = Union[int, Tuple[int, int]]
@@ -128,3 +129,14 @@ class Activation(nn.Module):
   @nn.compact
   def __call__(self, x):
     return activations.get(self.fn)(x)
+
+
+def check_cut(model: nn.Module, features: dict) -> None:
+  """Raises when `model.cut_at` names no feature (call it just before the head).
+
+  Models that support cutting return early right after the named feature; a
+  model that reaches its head with `cut_at` set was asked for a layer it lacks.
+  """
+  if model.cut_at is not None:
+    raise ConfigError(f"cut_at {model.cut_at!r} is not a feature of {type(model).__name__}; "
+                      f"its features: {', '.join(dict.fromkeys([*features, 'pre_logits']))}")

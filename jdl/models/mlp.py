@@ -4,7 +4,7 @@ The default sizes (1000, 512) follow the Keras CIFAR-10 MLP of the course notes:
 Flatten -> Dense(1000, relu) -> Dropout(0.2) -> Dense(512, relu) -> Dropout(0.2)
 -> Dense(10). On 32x32x3 inputs: 3,073,000 + 512,512 + 5,130 = 3,590,642 params.
 """
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,12 +22,15 @@ class MLP(nn.Module):
     activation: hidden activation name (see `jdl.activations`).
     dropout: dropout rate after every hidden layer.
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    cut_at: stop after this named feature and return (None, features); the
+      layers after it are never created (transfer learning). None: whole model.
   """
   hidden_sizes: Sequence[int] = (1000, 512)
   num_classes: int = 10
   activation: str = 'relu'
   dropout: float = 0.2
   dtype: Any = jnp.float32
+  cut_at: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -45,6 +48,11 @@ class MLP(nn.Module):
       x = act(x)
       x = nn.Dropout(self.dropout, deterministic=not train, name=f'dropout{i + 1}')(x)
       features[f'dense{i + 1}'] = x
+      if self.cut_at == f'dense{i + 1}':
+        return None, features
     features['pre_logits'] = x
+    if self.cut_at == 'pre_logits':
+      return None, features
+    layers.check_cut(self, features)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32), features

@@ -17,7 +17,7 @@ explicit torch-style padding, because 'SAME' with stride 2 pads (0, 1) where
 torch pads (1, 1) and the two would read different pixels.
 """
 import functools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -122,6 +122,8 @@ class ResNet(nn.Module):
     num_classes: number of logits.
     activation: activation name.
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    cut_at: stop after this named feature and return (None, features); the
+      layers after it are never created (transfer learning). None: whole model.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -130,6 +132,7 @@ class ResNet(nn.Module):
   num_classes: int = 10
   activation: str = 'relu'
   dtype: Any = jnp.float32
+  cut_at: Optional[str] = None
 
   def __post_init__(self):
     if self.block not in BLOCKS:
@@ -165,6 +168,8 @@ class ResNet(nn.Module):
       x = act(_bn(train, self.dtype, 'bn1')(x))
       x = layers.MaxPool(3, 2, ((1, 1), (1, 1)), name='maxpool')(x)  # (B, H/4, W/4, w0)
     features['stem'] = x
+    if self.cut_at == 'stem':
+      return None, features
 
     # Stages: blocks are named torchvision-style 'layer{stage}_{block}'.
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
@@ -172,10 +177,15 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(width, strides, name=f'layer{i + 1}_{j}')(x, train)
       features[f'layer{i + 1}'] = x
+      if self.cut_at == f'layer{i + 1}':
+        return None, features
 
     # Head.
     x = layers.GlobalAvgPool(name='avgpool')(x)  # (B, C)
     features['pre_logits'] = x
+    if self.cut_at == 'pre_logits':
+      return None, features
+    layers.check_cut(self, features)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
     return logits.astype(jnp.float32), features
 

@@ -6,7 +6,7 @@ the global pool equals the usual Flatten; it also keeps larger inputs working.
 Convs keep their bias even before BatchNorm, as torchvision's `vgg*_bn` and the
 kuangliu CIFAR VGG do, so parameter counts and weights line up with those.
 """
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -37,6 +37,8 @@ class VGG(nn.Module):
     num_classes: number of logits.
     activation: activation name after every conv (BatchNorm).
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    cut_at: stop after this named feature and return (None, features); the
+      layers after it are never created (transfer learning). None: whole model.
   """
   depth: int = 11
   width: int = 64
@@ -45,6 +47,7 @@ class VGG(nn.Module):
   num_classes: int = 10
   activation: str = 'relu'
   dtype: Any = jnp.float32
+  cut_at: Optional[str] = None
 
   def __post_init__(self):
     if self.depth not in CONFIGS:
@@ -69,6 +72,8 @@ class VGG(nn.Module):
         block_i += 1
         x = layers.MaxPool(2, name=f'pool{block_i}')(x)  # halves H and W
         features[f'block{block_i}'] = x
+        if self.cut_at == f'block{block_i}':
+          return None, features
         continue
       conv_i += 1
       x = nn.Conv(item * self.width // 64, (3, 3), padding='SAME', dtype=self.dtype,
@@ -80,5 +85,8 @@ class VGG(nn.Module):
     x = layers.GlobalAvgPool(name='avgpool')(x)  # (B, 8 * width)
     x = nn.Dropout(self.dropout, deterministic=not train, name='dropout')(x)
     features['pre_logits'] = x
+    if self.cut_at == 'pre_logits':
+      return None, features
+    layers.check_cut(self, features)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return logits.astype(jnp.float32), features

@@ -1,0 +1,288 @@
+"""PyTorch (torchvision-layout) ResNet weights in and out of jdl, via safetensors.
+
+jdl reads only `.safetensors` files: they hold raw tensors and a JSON header, so
+loading one runs no code. It never loads pickle / `torch.save` files (`.pt`,
+`.pth`, `.bin`), which can run arbitrary code when opened. Convert one once, in
+PyTorch, with a source you trust:
+
+    import safetensors.torch, torchvision
+    model = torchvision.models.resnet18(weights='IMAGENET1K_V1')
+    safetensors.torch.save_file(model.state_dict(), 'resnet18.safetensors')
+
+Then in jdl:
+
+    import jdl
+    from jdl import pretrained
+    model = jdl.build_model('resnet18', stem='imagenet', num_classes=1000)
+    variables = pretrained.load_resnet('resnet18.safetensors', model, (224, 224, 3))
+    logits, features = model.apply(variables, images, train=False)  # images (B, 224, 224, 3)
+
+and back: `pretrained.save_safetensors(variables, 'mine.safetensors')` writes
+torchvision's names and layouts, loadable with `load_state_dict(strict=True)`.
+
+Names (jdl.models.resnet already follows torchvision): 'layer1.0.conv1.weight'
+<-> params/layer1_0/conv1/kernel, 'layer2.0.downsample.0' / '.1' <->
+'layer2_0/downsample_conv' / 'downsample_bn', BatchNorm weight / bias /
+running_mean / running_var <-> params scale / bias, batch_stats mean / var.
+Layouts: conv weights are OIHW in torch and HWIO in jdl, Linear weights (out, in)
+in torch and (in, out) in jdl. torch's '*.num_batches_tracked' counters have no
+jdl counterpart: they are ignored on load and written as 0 on save.
+"""
+import functools
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import traverse_util
+
+from jdl.errors import CheckpointError
+
+SUFFIX = '.safetensors'
+CONVERT_HINT = ("convert it once in PyTorch, from a source you trust: "
+                "safetensors.torch.save_file(model.state_dict(), 'x.safetensors')")
+
+# (collection, jdl leaf name) -> torch parameter or buffer name.
+LEAF_NAMES = {
+    ('params', 'kernel'): 'weight',  # Conv / Dense
+    ('params', 'scale'): 'weight',  # BatchNorm
+    ('params', 'bias'): 'bias',
+    ('batch_stats', 'mean'): 'running_mean',
+    ('batch_stats', 'var'): 'running_var',
+}
+# jdl module names that torchvision spells differently (the shortcut of a block).
+MODULE_NAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
+COUNTER = 'num_batches_tracked'  # a torch BatchNorm buffer with no jdl counterpart
+MAX_LISTED = 5  # unexpected keys named in an error
+
+
+# ------------------------------------------------------------------ names and layouts
+
+
+def torch_name(path: Tuple[str, ...]) -> str:
+  """Returns the torch state-dict key of the jdl leaf at `path`.
+
+  Arguments:
+    path: (collection, module, ..., leaf), e.g. ('params', 'layer2_0',
+      'downsample_conv', 'kernel') -> 'layer2.0.downsample.0.weight'.
+
+  Raises:
+    CheckpointError: a leaf that torchvision's layout has no name for.
+  """
+  collection, *modules, leaf = path
+  if (collection, leaf) not in LEAF_NAMES:
+    raise CheckpointError(f'{"/".join(path)} has no torchvision name: jdl maps only conv, '
+                          f'Dense and BatchNorm variables of a ResNet')
+  # 'layer1_0' -> 'layer1.0': the stage's block index is a ModuleList index in torch.
+  parts = [MODULE_NAMES.get(m, m.replace('_', '.')) for m in modules]
+  return '.'.join(parts + [LEAF_NAMES[(collection, leaf)]])
+
+
+def _to_jdl_layout(value: np.ndarray) -> Tuple[np.ndarray, str]:
+  """Torch array -> (jdl array, how it was rearranged, for error messages)."""
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0), ' = {} after OIHW -> HWIO'  # (O, I, H, W) -> (H, W, I, O)
+  if value.ndim == 2:
+    return value.T, ' = {} after transposing'  # Linear (out, in) -> Dense (in, out)
+  return value, ''
+
+
+def _to_torch_layout(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)  # (H, W, I, O) -> (O, I, H, W)
+  if value.ndim == 2:
+    return value.T  # (in, out) -> (out, in)
+  return value
+
+
+# ------------------------------------------------------------------ files
+
+
+def load_safetensors(path) -> Dict[str, np.ndarray]:
+  """Reads a `.safetensors` file into {name: numpy array}; never unpickles.
+
+  Arguments:
+    path: a file whose name ends with '.safetensors'.
+
+  Raises:
+    CheckpointError: a missing file, another suffix (pickle / torch.save files
+      are refused, with how to convert them), or bytes that are not safetensors.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise CheckpointError(f'no such weights file: {path}')
+  if not path.endswith(SUFFIX):
+    raise CheckpointError(f'{path}: jdl reads only {SUFFIX} weights and never loads pickle / '
+                          f'torch.save files (.pt, .pth, .bin), which can run code when opened; '
+                          f'{CONVERT_HINT}')
+  try:
+    return safetensors.numpy.load_file(path)
+  except safetensors.SafetensorError as e:
+    raise CheckpointError(f'{path} is not a valid safetensors file ({e}){_sniff(path)}') from None
+  except TypeError as e:  # a dtype numpy lacks (bfloat16 reads once jax has registered it)
+    raise CheckpointError(f'{path}: numpy cannot read its tensors ({e}); save them as float32 in '
+                          f'PyTorch: {{k: v.float() for k, v in state_dict.items()}}') from None
+  except OSError as e:
+    raise CheckpointError(f'cannot read {path}: {e}') from None
+
+
+def _sniff(path: str) -> str:
+  """A hint from the first bytes of a file that failed to parse (reads, never loads)."""
+  with open(path, 'rb') as f:
+    head = f.read(2)
+  if head.startswith(b'PK') or head[:1] == b'\x80':  # zip (torch.save) / pickle protocol 2+
+    return (f'; it looks like a torch.save / pickle file renamed, which jdl never loads: '
+            f'{CONVERT_HINT}')
+  return ''
+
+
+def save_safetensors(variables: Dict[str, Any], path) -> None:
+  """Writes jdl ResNet variables as a torchvision-layout `.safetensors` file.
+
+  Arguments:
+    variables: {'params': ..., 'batch_stats': ...} of a jdl ResNet.
+    path: output file; its name must end with '.safetensors'.
+
+  Raises:
+    CheckpointError: another suffix, or the file cannot be written.
+  """
+  path = os.fspath(path)
+  if not path.endswith(SUFFIX):
+    raise CheckpointError(f'{path}: weights files must end with {SUFFIX}, the only kind jdl reads')
+  tensors = {k: np.ascontiguousarray(v) for k, v in jdl_to_torch(variables).items()}
+  try:
+    safetensors.numpy.save_file(tensors, path)
+  except (safetensors.SafetensorError, OSError) as e:
+    raise CheckpointError(f'cannot write {path}: {e}') from None
+
+
+# ------------------------------------------------------------------ conversion
+
+
+def target_shapes(model, input_shape=(224, 224, 3)) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
+  """{(collection, module, ..., leaf): shape and dtype} of model.init, without computing.
+
+  Arguments:
+    model: a jdl model called as model(x, train=...).
+    input_shape: one example's (H, W, C); a ResNet's variables do not depend on H, W.
+  """
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  init = functools.partial(model.init, train=False)
+  return traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0), x))
+
+
+def torch_to_jdl(state_dict: Dict[str, Any], model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
+  """Maps a torchvision-layout ResNet state dict onto `model`'s variables.
+
+  Works for jdl ResNets (basic or bottleneck blocks, 'cifar' or 'imagenet'
+  stem) whose torch twin uses torchvision's module names. Every jdl variable must
+  come from the file and every file tensor but '*.num_batches_tracked' must be
+  used, so a different depth, stem or class count is an error, not a half-load.
+
+  Arguments:
+    state_dict: {torch name: array}, e.g. from `load_safetensors`; numpy arrays,
+      or anything np.asarray takes (torch CPU tensors too).
+    model: the jdl model to load into, e.g. build_model('resnet18', stem='imagenet',
+      num_classes=1000).
+    input_shape: one example's (H, W, C), used only to trace model.init.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...}: nested dicts of float32 numpy arrays,
+    for model.apply(variables, x, train=False).
+
+  Raises:
+    CheckpointError: a missing key, a shape that does not fit (both shapes are
+      named), a non-float tensor, or keys the model has no place for.
+  """
+  targets = target_shapes(model, input_shape)
+  names = {path: torch_name(path) for path in targets}
+
+  # Missing keys first: a wrong architecture reads best as the first absent name.
+  for path, key in names.items():
+    if key not in state_dict:
+      hint = ''
+      if f'module.{key}' in state_dict:
+        hint = " (the file's keys start with 'module.', as nn.DataParallel saves them: strip it)"
+      raise CheckpointError(f'state dict has no {key} for {"/".join(path)}{hint}')
+
+  # Weights before biases and statistics: a kernel's two shapes tell the most.
+  flat = {}
+  for path, key in sorted(names.items(), key=lambda item: item[0][-1] != 'kernel'):
+    value = np.asarray(state_dict[key])
+    if not jnp.issubdtype(value.dtype, jnp.floating):  # jnp's knows bfloat16, np's does not
+      raise CheckpointError(f'{key} has dtype {value.dtype}; expected floating point')
+    converted, how = _to_jdl_layout(value)
+    want = targets[path].shape
+    if converted.shape != want:
+      rearranged = how.format(converted.shape)
+      raise CheckpointError(f'{key} -> {"/".join(path)}: file has {value.shape}{rearranged}, '
+                            f'model wants {want}{_shape_hint(key, value.shape)}')
+    flat[path] = np.ascontiguousarray(converted, dtype=targets[path].dtype)
+
+  used = set(names.values())
+  extra = sorted(k for k in state_dict if k not in used and not k.endswith('.' + COUNTER))
+  if extra:
+    listed = ', '.join(extra[:MAX_LISTED])
+    if len(extra) > MAX_LISTED:
+      listed += f', ... ({len(extra)} in all)'
+    raise CheckpointError(f'state dict has keys the model has no place for: {listed} '
+                          f'(a deeper ResNet, or other blocks?)')
+  return traverse_util.unflatten_dict({path: flat[path] for path in targets})  # init order
+
+
+def _shape_hint(key: str, file_shape) -> str:
+  if key in ('fc.weight', 'fc.bias'):
+    classes = file_shape[0]
+    return f' (the file has {classes} classes: build the model with num_classes={classes})'
+  if key == 'conv1.weight' and len(file_shape) == 4:
+    stem = {7: 'imagenet', 3: 'cifar'}.get(file_shape[-1])
+    if stem:
+      return f' (a {file_shape[-1]}x{file_shape[-1]} first conv is stem={stem!r})'
+  return ''
+
+
+def jdl_to_torch(variables: Dict[str, Any]) -> Dict[str, np.ndarray]:
+  """Maps jdl ResNet variables to a torchvision-layout state dict (the inverse).
+
+  Every BatchNorm also gets torch's 'num_batches_tracked' counter (int64 0), so
+  the dict loads into a torchvision model with strict=True.
+
+  Arguments:
+    variables: {'params': ..., 'batch_stats': ...} of a jdl ResNet (arrays of
+      any kind np.asarray takes).
+
+  Returns:
+    {torch name: numpy array}: conv weights (O, I, H, W), Linear (out, in).
+  """
+  state_dict = {}
+  for path, value in traverse_util.flatten_dict(dict(variables)).items():
+    key = torch_name(path)
+    state_dict[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value)))
+    if path[0] == 'batch_stats' and path[-1] == 'mean':
+      state_dict[key[:-len('running_mean')] + COUNTER] = np.zeros((), np.int64)
+  return state_dict
+
+
+def load_resnet(path, model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
+  """Reads a torchvision-layout `.safetensors` file into `model`'s variables.
+
+  Arguments:
+    path: the weights file (see `load_safetensors`).
+    model: the jdl ResNet to load into (see `torch_to_jdl`).
+    input_shape: one example's (H, W, C).
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} for model.apply(variables, x, train=False).
+
+  Raises:
+    CheckpointError: the file cannot be read or does not fit the model; the
+      message names the file.
+  """
+  state_dict = load_safetensors(path)
+  try:
+    return torch_to_jdl(state_dict, model, input_shape)
+  except CheckpointError as e:
+    raise CheckpointError(f'{os.fspath(path)}: {e}') from None
