@@ -194,12 +194,12 @@ def eval_step(state: TrainState, batch, mask, *, top_k: int = 5) -> Dict[str, ja
   return sums
 
 
-def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5, frozen_stats=None):
+def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None):
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
-  (state, sums, status), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,)} on
-  the device, `order` the epoch's permutation, `index` the step within the
+  (state, sums, status), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,),
+  'mean', 'std': (C,) input normalisation} on the device, `order` the epoch's permutation, `index` the step within the
   epoch and `sums` running sums of the step metrics over the steps that were
   not skipped, plus the count of skipped ones (fetched only at log points).
   `status` is an int32 scalar, 0 for a good step, 1 for a non-finite loss and
@@ -216,7 +216,7 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5, frozen_stats=N
     images, labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                          config.batch_size)
     aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
-    images = pipeline.normalize(images, mean, std, dtype)
+    images = pipeline.normalize(images, data["mean"], data["std"], dtype)
     if config.augment:
       images = pipeline.augment(aug_key, images)
     state, step_metrics = step_fn(state, (images, labels), dropout_key)
@@ -231,12 +231,12 @@ def make_train_fn(config: TrainConfig, mean, std, top_k: int = 5, frozen_stats=N
   return train_fn
 
 
-def make_eval_fn(config: TrainConfig, mean, std, top_k: int = 5):
+def make_eval_fn(config: TrainConfig, top_k: int = 5):
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
 
   @jax.jit
-  def eval_fn(state, sums, images, labels, mask):
-    images = pipeline.normalize(images, mean, std, dtype)
+  def eval_fn(state, sums, images, labels, mask, stats):
+    images = pipeline.normalize(images, *stats, dtype)
     batch_sums = eval_step(state, (images, labels), mask, top_k=top_k)
     return jax.tree.map(jnp.add, sums, batch_sums)
 
@@ -419,7 +419,9 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
               "input_shape": list(dataset.input_shape)})
   steps_per_epoch = num_train // config.batch_size  # The remainder is dropped; order changes every epoch.
   mean, std = input_stats if input_stats is not None else pipeline.channel_stats(train[0])
-  data = jax.device_put({"images": train[0], "labels": train[1]})
+  # mean/std travel as arguments, not constants baked into the programs, so runs
+  # on other data of the same shapes reuse compiled programs from the cache.
+  data = jax.device_put({"images": train[0], "labels": train[1], "mean": mean, "std": std})
   eval_batch_size = min(1000, max(len(dataset.test[1]), 1))
   val_batched = batch_for_eval(val, eval_batch_size) if len(val[1]) else None
   test_batched = batch_for_eval(dataset.test, eval_batch_size)
@@ -453,8 +455,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   writer = MetricWriter(workdir, meta["epoch"])
 
   # --- Training loop: one jitted step per batch, metrics fetched at log points. ---
-  train_fn = make_train_fn(config, mean, std, frozen_stats=frozen_stats)
-  eval_fn = make_eval_fn(config, mean, std)
+  train_fn = make_train_fn(config, frozen_stats=frozen_stats)
+  eval_fn = functools.partial(make_eval_fn(config), stats=(data["mean"], data["std"]))
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
   compile_s = None
   with StopSignals() as stop:

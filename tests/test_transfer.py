@@ -1,0 +1,242 @@
+"""Transfer learning: freezing, cutting, partial restore, bottleneck cache, scenarios."""
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jdl import checkpoint, optim, train, transfer
+from jdl.errors import CheckpointError, ConfigError
+from jdl.models import ResNet, build_model
+from jdl.summary import count_params, summarize
+
+# A ResNet small enough to compile in a second: 2 stages of 1 block, BatchNorm.
+TINY_RESNET = dict(stage_sizes=(1, 1), widths=(4, 8), num_classes=3)
+SHAPE = (8, 8, 3)
+
+
+def _batch(seed=0, n=4):
+  key = jax.random.key(seed)
+  return (jax.random.normal(key, (n, *SHAPE)),
+          jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, 3))
+
+
+def test_frozen_parameters_and_their_batchnorm_statistics_stay_bit_identical():
+  model = ResNet(**TINY_RESNET)
+  patterns = ("^layer1_0/", "^conv1/")
+  state = train.create_train_state(model, SHAPE, optax.sgd(0.5), jax.random.key(0),
+                                   frozen=patterns)
+  frozen_stats = optim.frozen_mask(state.batch_stats, patterns)
+  step = jax.jit(lambda s, b, r: train.train_step(s, b, r, frozen_stats=frozen_stats))
+  new = state
+  for i in range(3):
+    new, metrics = step(new, _batch(i), jax.random.key(i))
+  assert np.isfinite(float(metrics["loss"]))
+  for tree, new_tree in ((state.params, new.params), (state.batch_stats, new.batch_stats)):
+    flat = {optim.path_of(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    new_flat = {optim.path_of(k): v for k, v in jax.tree_util.tree_leaves_with_path(new_tree)}
+    for path, value in flat.items():
+      if path.startswith(("layer1_0/", "conv1/")):
+        assert np.array_equal(np.asarray(value), np.asarray(new_flat[path])), f"frozen {path} changed"
+  # Trainable parts did change (the test can fail both ways).
+  assert not np.array_equal(state.params["layer2_0"]["conv1"]["kernel"],
+                            new.params["layer2_0"]["conv1"]["kernel"])
+  assert not np.array_equal(state.batch_stats["layer2_0"]["bn1"]["mean"],
+                            new.batch_stats["layer2_0"]["bn1"]["mean"])
+  with pytest.raises(ConfigError, match="matches no parameter"):
+    optim.freeze(optax.sgd(0.1), state.params, ("^nothing_here/",))
+
+
+def test_head_replacement_and_cut_shapes():
+  backbone = ResNet(stage_sizes=(1, 1, 1), widths=(4, 8, 16), num_classes=3)
+  model = transfer.TransferModel(transfer.cut_model(backbone, "layer2", SHAPE),
+                                 num_classes=5, train_backbone=False)
+  variables = transfer.init_variables(model, SHAPE)
+  assert set(variables["params"]) == {"backbone", "head"}
+  # Only the stem and stages 1-2 exist: the cut removed stage 3 and the old head.
+  assert set(variables["params"]["backbone"]) == {"conv1", "bn1", "layer1_0", "layer2_0"}
+  assert variables["params"]["head"]["fc"]["kernel"].shape == (8, 5)  # GAP of (4, 4, 8)
+  logits, features = model.apply(variables, jnp.zeros((2, *SHAPE)))
+  assert logits.shape == (2, 5) and features["backbone"].shape == (2, 4, 4, 8)
+  # Drop only the last layer: cut at pre_logits keeps everything but 'fc'.
+  abstract = lambda m: jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, *SHAPE)))
+  head_only = transfer.TransferModel(backbone.clone(cut_at="pre_logits"), num_classes=7)
+  v = abstract(head_only)
+  assert count_params(v["params"]["backbone"]) == count_params(abstract(backbone)["params"]) - 16 * 3 - 3
+  assert v["params"]["head"]["fc"]["kernel"].shape == (16, 7)
+  with pytest.raises(ConfigError, match="'layer9' is not a layer of ResNet; choose one of: "
+                                        "stem, layer1, layer2, layer3, pre_logits"):
+    transfer.cut_model(backbone, "layer9", SHAPE)
+  assert transfer.default_cut(backbone, SHAPE, similar=False) == "layer1"
+  assert transfer.default_cut(build_model("resnet18"), (32, 32, 3), similar=False) == "layer2"
+  assert transfer.default_cut(build_model("cnn"), (32, 32, 3), similar=False) == "block2"
+  assert transfer.default_cut(backbone, SHAPE, similar=True) == "pre_logits"
+
+
+def test_summary_marks_frozen_layers():
+  model = transfer.TransferModel(ResNet(**TINY_RESNET, cut_at="layer1"), 2, train_backbone=False)
+  summary = summarize(model, SHAPE, frozen=optim.path_matcher(transfer.FROZEN_BACKBONE))
+  rows = {row.name: row for row in summary.rows}
+  assert rows["backbone/conv1"].trainable == 0 and rows["backbone/conv1"].frozen == 3 * 3 * 3 * 4
+  assert rows["head/fc"].trainable == 4 * 2 + 2
+  assert summary.trainable_params == 10
+  text = str(summary)
+  assert "Trainable" in text
+  assert [line.split()[-1] for line in text.splitlines() if "backbone/conv1 " in line] == ["N"]
+  assert [line.split()[-1] for line in text.splitlines() if "head/fc " in line] == ["Y"]
+
+
+def test_partial_restore_copies_matching_arrays_and_names_mismatches():
+  source_model = ResNet(**TINY_RESNET)
+  source = transfer.init_variables(source_model, SHAPE, seed=1)
+  model = transfer.TransferModel(source_model.clone(cut_at="pre_logits"), num_classes=6)
+  target = transfer.init_variables(model, SHAPE, seed=2)
+  restored = transfer.restore_matching(target, source)
+  np.testing.assert_array_equal(restored["params"]["backbone"]["layer2_0"]["conv2"]["kernel"],
+                                source["params"]["layer2_0"]["conv2"]["kernel"])
+  np.testing.assert_array_equal(restored["batch_stats"]["backbone"]["bn1"]["var"],
+                                source["batch_stats"]["bn1"]["var"])
+  np.testing.assert_array_equal(restored["params"]["head"]["fc"]["kernel"],  # the new head stays
+                                target["params"]["head"]["fc"]["kernel"])
+  # Other widths: the error names the path and both shapes.
+  other = transfer.init_variables(ResNet(stage_sizes=(1, 1), widths=(4, 16), num_classes=3), SHAPE)
+  with pytest.raises(CheckpointError, match=r"params/layer2_0/conv1/kernel is \(3, 3, 4, 16\) there "
+                                            r"but params/backbone/layer2_0/conv1/kernel is \(3, 3, 4, 8\)"):
+    transfer.restore_matching(target, other)
+  # A missing layer is named too.
+  shallow = transfer.init_variables(ResNet(stage_sizes=(1,), widths=(4,), num_classes=3), SHAPE)
+  with pytest.raises(CheckpointError, match=r"have no params/layer2_0/"):
+    transfer.restore_matching(target, shallow)
+
+
+class _Payload:
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_feature_cache_round_trip_staleness_and_pickle_refusal(tmp_path):
+  cache = transfer.FeatureCache(str(tmp_path / "features.npz"))
+  assert cache.load("abc") is None
+  arrays = {"train": np.random.default_rng(0).normal(size=(5, 2, 2, 3)).astype(np.float32),
+            "test": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  cache.save("abc", arrays)
+  loaded = cache.load("abc")
+  assert set(loaded) == {"train", "test"}
+  for name in arrays:
+    np.testing.assert_array_equal(loaded[name], arrays[name])
+  assert cache.load("other weights") is None  # stale: recomputed by the caller
+  # Fingerprints see every byte.
+  assert transfer.fingerprint(arrays) != transfer.fingerprint({**arrays, "test": arrays["test"] + 1})
+  # A pickle where the cache should be is refused and never runs.
+  marker = tmp_path / "pwned"
+  (tmp_path / "features.npz").write_bytes(pickle.dumps(_Payload(marker)))
+  with pytest.raises(CheckpointError, match=r"features.npz is damaged or not a NumPy archive.*never loads pickle"):
+    cache.load("abc")
+  # An .npz holding an object array (pickled inside) is refused as well.
+  np.savez(tmp_path / "features.npz", fingerprint=np.array("abc"),
+           train=np.array([_Payload(marker)], dtype=object))
+  with pytest.raises(CheckpointError, match="never loads pickle"):
+    cache.load("abc")
+  assert not marker.exists()
+
+
+def test_shapes_tasks_are_disjoint_classes_and_styles():
+  tasks = transfer.shapes_tasks(seed=0, source_per_class=4, small_per_class=2, large_per_class=5,
+                                test_per_class=3)
+  assert tasks["source"].class_names == ("disk", "ring", "square", "frame", "triangle")
+  assert tasks["similar_small"].class_names == ("cross", "star", "crescent", "heart", "bar")
+  for name, per_class in (("source", 4), ("similar_small", 2), ("different_large", 5)):
+    labels = tasks[name].train[1]
+    assert np.bincount(labels, minlength=5).tolist() == [per_class] * 5, name
+  sketch = tasks["different_small"].train[0]
+  assert np.array_equal(sketch[..., 0], sketch[..., 2])  # grey line drawings
+  assert sketch.mean() > 200  # mostly white paper
+  # The small set is the start of the large one, and similar/different are the same images.
+  np.testing.assert_array_equal(tasks["similar_small"].train[1], tasks["different_small"].train[1])
+  np.testing.assert_array_equal(transfer.sketch(tasks["similar_small"].train[0]), sketch)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(scenario="medium_similar"), "unknown scenario 'medium_similar'; choose one of"),
+    (dict(bottleneck=True, scenario="large_similar"), "--bottleneck needs a frozen backbone"),
+    (dict(bottleneck=True, augment=True, scenario="small_similar"), "--augment cannot change them"),
+    (dict(pretrained_workdir="a", pretrained_weights="b.safetensors"), "not both"),
+    (dict(pretrained_workdir="/nonexistent/run"), "holds no experiments.cifar run"),
+    (dict(pretrained_weights="model.pt", model="resnet18"), "never loads pickle"),
+    (dict(fine_tune_from_pretrained=True, scenario="small_similar"), "large_different only"),
+    (dict(dataset="cifar10"), "needs --pretrained_workdir or --pretrained_weights"),
+    (dict(large_per_class=10, small_per_class=10), "must be larger than small_per_class"),
+    (dict(learning_rate=0.0), "learning_rate must be > 0"),
+])
+def test_bad_transfer_config_is_one_line(changes, message):
+  config = transfer.TransferConfig(**{**transfer.FLAG_DEFAULTS, **changes})
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
+    transfer.validate(config)
+  assert "\n" not in str(info.value)
+
+
+# One short --scenario=all run (lenet5: the cheapest conv net to compile), shared.
+SMALL = dict(model="lenet5", source_per_class=24, small_per_class=6, large_per_class=12,
+             test_per_class=6, epochs=2, pretrain_epochs=2, batch_size=8, log_every=1000,
+             validation_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def scenario_all(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("transfer") / "run")
+  config = transfer.TransferConfig(**{**transfer.FLAG_DEFAULTS, **SMALL, "workdir": workdir,
+                                      "bottleneck": True})
+  lines = []
+  results = transfer.run(config, progress=False, log=lines.append)
+  return config, workdir, results, "\n".join(lines)
+
+
+def test_scenario_all_writes_the_table(scenario_all):
+  config, workdir, results, log = scenario_all
+  rows = {row["scenario"]: row for row in results["scenarios"]}
+  assert list(rows) == list(transfer.SCENARIOS)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["scenarios"][0]["scenario"] == "small_similar"
+  for row in rows.values():
+    assert 0.0 <= row["test_accuracy"] <= 1.0 and row["epochs"] == 2
+    assert 0.0 <= row["scratch"]["test_accuracy"] <= 1.0
+  # small_similar trains only the new head on lenet5's 84 pre-logits: 84 * 5 + 5.
+  assert rows["small_similar"]["trainable_params"] == 84 * 5 + 5
+  assert rows["small_different"]["cut_at"] == "block1"  # lenet5's middle feature
+  assert rows["small_different"]["trainable_params"] == 6 * 5 + 5  # GAP of (14, 14, 6)
+  assert rows["small_similar"]["bottleneck"] and rows["small_similar"]["bottleneck_speedup"] > 1
+  assert os.path.exists(os.path.join(workdir, "small_similar", "features.npz"))
+  # Fine-tuning trains everything but the cut-off old head; from scratch is the baseline.
+  assert rows["large_similar"]["trainable_params"] == rows["large_similar"]["scratch"]["trainable_params"]
+  assert rows["large_different"]["cut_at"] is None
+  assert rows["large_different"]["test_accuracy"] == rows["large_different"]["scratch"]["test_accuracy"]
+  assert "scenario" in log and "scratch acc" in log
+
+
+def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
+  config, workdir, results, _ = scenario_all
+  tasks = transfer.shapes_tasks(config.seed, config.source_per_class, config.small_per_class,
+                                config.large_per_class, config.test_per_class)
+  # The pretraining run is an experiments.cifar workdir: load it as one (no target
+  # structure), and compare with Orbax's restore into a freshly built state.
+  pretrained = transfer.load_workdir(os.path.join(workdir, "pretrain"))
+  assert pretrained.model.num_classes == 5 and type(pretrained.model).__name__ == "LeNet5"
+  tx, _ = train.build_optimizer(transfer._train_config(config), 10, 10)
+  target = train.create_train_state(pretrained.model, (32, 32, 3), tx, jax.random.key(0))
+  best, _ = checkpoint.Checkpoints(os.path.join(workdir, "pretrain")).restore_best(target)
+  for a, b in zip(jax.tree.leaves(pretrained.variables["params"]), jax.tree.leaves(best.params)):
+    np.testing.assert_array_equal(a, b)
+  # Rerunning a finished scenario resumes it: features come from the cache and
+  # the figures repeat exactly.
+  lines = []
+  row = transfer.run_scenario(config, "small_similar", tasks["similar_small"], pretrained,
+                              workdir, progress=False, log=lines.append)
+  assert any("bottleneck features read from" in line for line in lines)
+  assert row["test_accuracy"] == results["scenarios"][0]["test_accuracy"]
