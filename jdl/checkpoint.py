@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jdl.errors import CheckpointError
+from jdl.optim import path_of
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -39,16 +40,9 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
       item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def shapes_by_path(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
   """{'params/conv1/kernel': shape} for every leaf of `tree` (Python scalars: ())."""
-  return {"/".join(_key_name(k) for k in path): tuple(np.shape(leaf))
+  return {path_of(path): tuple(np.shape(leaf))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

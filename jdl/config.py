@@ -8,6 +8,7 @@ one-line `ConfigError`.
 """
 import dataclasses
 import math
+import os
 from typing import Optional, Tuple
 
 from jdl.errors import ConfigError
@@ -104,6 +105,27 @@ def apply_preset(config: TrainConfig, preset: str, explicit=()) -> TrainConfig:
     raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
   values = {k: v for k, v in PRESETS[preset].items() if k not in explicit}
   return dataclasses.replace(config, **values)
+
+
+def load_run_config(workdir: str, flag: str) -> Tuple[TrainConfig, dict]:
+  """The TrainConfig of the experiments.cifar run in `workdir`, and its raw config.json.
+
+  Arguments:
+    workdir: the run's directory.
+    flag: the flag that named it, for the one-line error (e.g. 'pretrained_workdir').
+  """
+  import json
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    saved = None
+  if not isinstance(saved, dict) or "model" not in saved:
+    raise ConfigError(f"--{flag} {workdir} holds no experiments.cifar run (no readable config.json)")
+  known = {f.name for f in dataclasses.fields(TrainConfig)}
+  config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in saved.items() if k in known})
+  return config, saved
 
 
 def default_workdir(config: TrainConfig) -> str:

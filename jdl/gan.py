@@ -400,7 +400,7 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print) -> Tuple[S
   Returns (scorer, its test accuracy).
   """
   from jdl import train
-  from jdl.config import TrainConfig
+  from jdl.config import TrainConfig, load_run_config
   from jdl.data import split_validation
   # Batch 128 as experiments.cifar, fewer for tiny training sets (>= 2 steps an epoch).
   batch_size = max(1, min(128, int(len(dataset.train[1]) * 0.9) // 2))
@@ -409,19 +409,10 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print) -> Tuple[S
                            batch_size=batch_size,
                            seed=config.seed, workdir=config.classifier_workdir or os.path.join(workdir, "classifier"))
   if config.classifier_workdir:
-    path = os.path.join(config.classifier_workdir, "config.json")
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except (OSError, ValueError):
-      raise ConfigError(f"--classifier_workdir {config.classifier_workdir} holds no experiments.cifar "
-                        "run (no readable config.json)") from None
-    if saved.get("dataset") != config.dataset:
+    cnn_config, _ = load_run_config(config.classifier_workdir, "classifier_workdir")
+    if cnn_config.dataset != config.dataset:
       raise ConfigError(f"--classifier_workdir {config.classifier_workdir} was trained on "
-                        f"{saved.get('dataset')!r}, not {config.dataset!r}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cnn_config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in saved.items() if k in known})
+                        f"{cnn_config.dataset!r}, not {config.dataset!r}")
     # Its own directory wherever it now lies; a finished run only re-evaluates.
     cnn_config = dataclasses.replace(cnn_config, workdir=config.classifier_workdir)
   log(f"Scoring classifier: {cnn_config.model} in {cnn_config.workdir}")

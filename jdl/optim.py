@@ -279,7 +279,12 @@ def learning_rate_at(learning_rate: Union[float, Callable], step: int) -> float:
 
 def path_of(key_path) -> str:
   """'backbone/layer1_0/conv1/kernel' for a jax tree key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
+  def name(key):
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return "/".join(name(k) for k in key_path)
 
 
 def path_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:

@@ -59,7 +59,7 @@ import numpy as np
 from flax import traverse_util
 
 from jdl import checkpoint, models, train
-from jdl.config import TrainConfig, option, validate as validate_train_config
+from jdl.config import TrainConfig, load_run_config, option, validate as validate_train_config
 from jdl.data import Dataset, load_dataset, pipeline, shapes, split_validation
 from jdl.errors import CheckpointError, ConfigError
 from jdl.logs import read_jsonl, write_json
@@ -255,25 +255,15 @@ class Pretrained:
 
 def _saved_config(workdir: str) -> Tuple[TrainConfig, int]:
   """The run's TrainConfig and class count, from config.json (or results.json)."""
-  def read(name):
+  config, saved = load_run_config(workdir, "pretrained_workdir")
+  num_classes = saved.get("num_classes")
+  if not num_classes:  # config.json of runs before it was recorded; a finished run's results.json has it
     try:
-      with open(os.path.join(workdir, name)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return {}
-
-  saved = read("config.json")
-  if "model" not in saved:
-    raise ConfigError(f"--pretrained_workdir {workdir} holds no experiments.cifar run "
-                      "(no readable config.json)")
-  # config.json of runs before num_classes was recorded: a finished run's results.json has it.
-  num_classes = saved.get("num_classes") or read("results.json").get("dataset", {}).get("num_classes")
-  if not num_classes:
-    raise ConfigError(f"--pretrained_workdir {workdir} does not record its class count "
-                      "(an unfinished run of an older jdl); rerun it to finish")
-  known = {f.name for f in dataclasses.fields(TrainConfig)}
-  config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in saved.items() if k in known})
+      with open(os.path.join(workdir, "results.json")) as f:
+        num_classes = json.load(f)["dataset"]["num_classes"]
+    except (OSError, ValueError, KeyError, TypeError):
+      raise ConfigError(f"--pretrained_workdir {workdir} does not record its class count "
+                        "(an unfinished run of an older jdl); rerun it to finish") from None
   return config, int(num_classes)
 
 
@@ -486,8 +476,8 @@ class TransferConfig(TrainConfig):
                                              "(never pickle) for --model=resnet18/resnet34")
   cut_at: Optional[str] = option(None, "feature to cut the pretrained model at (default: pre_logits for similar "
                                  "data, a middle feature for small_different)")
-  head_pool: str = option("avg", "how the new head turns cut feature maps into a vector: avg (global average "
-                          "pooling, the notes' bottleneck head) or flatten (keeps positions; more weights)")
+  head_pool: str = option("flatten", "how the new head turns cut feature maps into a vector: flatten (keeps "
+                          "positions; more weights) or avg (global average pooling, the notes' bottleneck head)")
   bottleneck: bool = option(False, "frozen-backbone scenarios: compute the backbone's features once, cache them "
                             "in WORKDIR, train only the head on them")
   fine_tune_from_pretrained: bool = option(False, "large_different: fine-tune from the pretrained weights "
@@ -614,7 +604,8 @@ def run_scenario(config: TransferConfig, scenario: str, data: Dataset, pretraine
 
   input_shape = data.input_shape
   backbone = pretrained.model
-  cut = config.cut_at or default_cut(backbone, input_shape, similar)
+  # Only small_different keeps just the early layers; the others drop the last one.
+  cut = config.cut_at or default_cut(backbone, input_shape, similar or not frozen_backbone)
   model = TransferModel(cut_model(backbone, cut, input_shape), data.num_classes,
                         train_backbone=not frozen_backbone, head_pool=config.head_pool,
                         dtype=backbone.dtype)

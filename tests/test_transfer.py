@@ -28,8 +28,9 @@ def _batch(seed=0, n=4):
 def test_frozen_parameters_and_their_batchnorm_statistics_stay_bit_identical():
   model = ResNet(**TINY_RESNET)
   patterns = ("^layer1_0/", "^conv1/")
-  state = train.create_train_state(model, SHAPE, optax.sgd(0.5), jax.random.key(0),
-                                   frozen=patterns)
+  # adamw with weight decay: decay too must skip frozen parameters.
+  tx = optim.make_optimizer("adamw", 0.05, weight_decay=0.5)
+  state = train.create_train_state(model, SHAPE, tx, jax.random.key(0), frozen=patterns)
   frozen_stats = optim.frozen_mask(state.batch_stats, patterns)
   step = jax.jit(lambda s, b, r: train.train_step(s, b, r, frozen_stats=frozen_stats))
   new = state
@@ -210,7 +211,7 @@ def test_scenario_all_writes_the_table(scenario_all):
   # small_similar trains only the new head on lenet5's 84 pre-logits: 84 * 5 + 5.
   assert rows["small_similar"]["trainable_params"] == 84 * 5 + 5
   assert rows["small_different"]["cut_at"] == "block1"  # lenet5's middle feature
-  assert rows["small_different"]["trainable_params"] == 6 * 5 + 5  # GAP of (14, 14, 6)
+  assert rows["small_different"]["trainable_params"] == 14 * 14 * 6 * 5 + 5  # flatten (14, 14, 6)
   assert rows["small_similar"]["bottleneck"] and rows["small_similar"]["bottleneck_speedup"] > 1
   assert os.path.exists(os.path.join(workdir, "small_similar", "features.npz"))
   # Fine-tuning trains everything but the cut-off old head; from scratch is the baseline.
