@@ -107,11 +107,19 @@ def _deterministic_gpu() -> None:
 
 
 def define_common_flags() -> None:
-  """Flags every entrypoint has: --deterministic (see `_deterministic_gpu`)."""
+  """Flags every entrypoint has: --deterministic (see `_deterministic_gpu`) and
+  the multi-host ones (see `jdl.parallel`)."""
   if "deterministic" not in FLAGS:
     flags.DEFINE_boolean("deterministic", False,
                          "GPU: deterministic XLA kernels (--xla_gpu_deterministic_ops), "
                          "bit-identical reruns at some speed cost; CPU runs are deterministic anyway",
+                         module_name=sys.argv[0])
+    flags.DEFINE_string("coordinator_address", None,
+                        "multi-host: HOST:PORT of process 0, the same for every process",
+                        module_name=sys.argv[0])
+    flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes (hosts)",
+                         module_name=sys.argv[0])
+    flags.DEFINE_integer("process_id", 0, "multi-host: this process's index in [0, num_processes)",
                          module_name=sys.argv[0])
 
 
@@ -142,6 +150,11 @@ def call(main, argv) -> None:
           file=sys.stderr)
     sys.exit(2)
   try:
+    if FLAGS.coordinator_address or FLAGS.num_processes > 1:
+      from jdl import parallel
+      if not FLAGS.coordinator_address:
+        raise JdlError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0")
+      parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     return main(argv)
   except Interrupted as e:  # A checkpoint was saved; not an error.
     print(str(e), file=sys.stderr)

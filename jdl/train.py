@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, losses, metrics as metrics_lib, optim
+from jdl import checkpoint, losses, metrics as metrics_lib, optim, parallel
 from jdl.config import TrainConfig, default_workdir, make_writable_dir, validate
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
 from jdl.errors import ConfigError, Interrupted, TrainingError
@@ -194,7 +194,7 @@ def eval_step(state: TrainState, batch, mask, *, top_k: int = 5) -> Dict[str, ja
   return sums
 
 
-def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None):
+def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_sharding=None):
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
@@ -206,6 +206,8 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None):
   2 for finite loss but non-finite gradients. It is not donated onwards: the
   loop waits on it a couple of steps behind, so the progress bar counts
   finished steps and a bad step is noticed without a sync per step.
+  With `batch_sharding` (data parallel, see jdl.parallel) the gathered batch
+  is split over the devices along its first axis.
   """
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   step_fn = functools.partial(train_step, label_smoothing=config.label_smoothing,
@@ -215,6 +217,8 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None):
   def train_fn(state, sums, data, order, index, step_key):
     images, labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                          config.batch_size)
+    if batch_sharding is not None:
+      images, labels = jax.lax.with_sharding_constraint((images, labels), batch_sharding)
     aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     images = pipeline.normalize(images, data["mean"], data["std"], dtype)
     if config.augment:
@@ -231,11 +235,13 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None):
   return train_fn
 
 
-def make_eval_fn(config: TrainConfig, top_k: int = 5):
+def make_eval_fn(config: TrainConfig, top_k: int = 5, batch_sharding=None):
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
 
   @jax.jit
   def eval_fn(state, sums, images, labels, mask, stats):
+    if batch_sharding is not None:
+      images, labels, mask = jax.lax.with_sharding_constraint((images, labels, mask), batch_sharding)
     images = pipeline.normalize(images, *stats, dtype)
     batch_sums = eval_step(state, (images, labels), mask, top_k=top_k)
     return jax.tree.map(jnp.add, sums, batch_sums)
@@ -243,7 +249,7 @@ def make_eval_fn(config: TrainConfig, top_k: int = 5):
   return eval_fn
 
 
-def batch_for_eval(split, batch_size: int):
+def batch_for_eval(split, batch_size: int, sharding=None):
   """Pads a split to whole batches and puts it on the device, batch-major.
 
   Returns (images (K, B, H, W, C), labels (K, B), mask (K, B)); one compiled
@@ -256,7 +262,7 @@ def batch_for_eval(split, batch_size: int):
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
   labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
   shape = lambda a: a.reshape(num_batches, batch_size, *a.shape[1:])
-  return jax.device_put((shape(images), shape(labels), shape(mask)))
+  return jax.device_put((shape(images), shape(labels), shape(mask)), sharding)
 
 
 def metric_names(num_classes: int, train: bool, top_k: int = 5):
@@ -369,7 +375,7 @@ def _format_row(row: Dict[str, float]) -> str:
 
 def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
         model=None, variables=None, frozen: Sequence[str] = (), input_stats=None,
-        progress: bool = True, log=print):
+        devices=None, progress: bool = True, log=print):
   """Trains a classifier as `config` says, resuming from its workdir if possible.
 
   Arguments:
@@ -383,6 +389,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
       trained: no optimizer update, and their BatchNorm statistics kept.
     input_stats: (mean, std) per channel to normalise inputs with, instead of
       the training split's (e.g. (0, 1) for precomputed features).
+    devices: devices to train on, data parallel when more than one (default:
+      all of them; see jdl.parallel).
     progress: show progress bars.
     log: where status lines go (print by default).
   Returns:
@@ -406,6 +414,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
     if config.augment and len(dataset.input_shape) != 3:
       raise ConfigError(f"--augment needs images (H, W, C); {dataset.name} has inputs of shape "
                         f"{dataset.input_shape}")
+    mesh = parallel.data_mesh(devices)
+    parallel.check_batch_size(config.batch_size, mesh)
     if config.batch_size > num_train:
       raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
                         f"({num_train} examples after holding out validation)")
@@ -421,10 +431,12 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   mean, std = input_stats if input_stats is not None else pipeline.channel_stats(train[0])
   # mean/std travel as arguments, not constants baked into the programs, so runs
   # on other data of the same shapes reuse compiled programs from the cache.
-  data = jax.device_put({"images": train[0], "labels": train[1], "mean": mean, "std": std})
-  eval_batch_size = min(1000, max(len(dataset.test[1]), 1))
-  val_batched = batch_for_eval(val, eval_batch_size) if len(val[1]) else None
-  test_batched = batch_for_eval(dataset.test, eval_batch_size)
+  replicated, batch_sharding = parallel.shardings(mesh)
+  data = jax.device_put({"images": train[0], "labels": train[1], "mean": mean, "std": std},
+                        replicated)
+  eval_batch_size = parallel.round_up(min(1000, max(len(dataset.test[1]), 1)), mesh)
+  val_batched = batch_for_eval(val, eval_batch_size, replicated) if len(val[1]) else None
+  test_batched = batch_for_eval(dataset.test, eval_batch_size, replicated)
 
   # --- Model, optimizer and state. ---
   model = model or build_classifier(config, num_classes)
@@ -437,6 +449,10 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
                              frozen=frozen)
   frozen_stats = (optim.frozen_mask(state.batch_stats, frozen)
                   if frozen and state.batch_stats is not None else None)
+  if mesh is not None:
+    state = jax.device_put(state, replicated)
+    log(f"Data parallel over {mesh.size} devices: batch {config.batch_size} = "
+        f"{mesh.size} x {config.batch_size // mesh.size}")
 
   # --- Checkpoints: resume if the workdir has one. ---
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
@@ -455,8 +471,9 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   writer = MetricWriter(workdir, meta["epoch"])
 
   # --- Training loop: one jitted step per batch, metrics fetched at log points. ---
-  train_fn = make_train_fn(config, frozen_stats=frozen_stats)
-  eval_fn = functools.partial(make_eval_fn(config), stats=(data["mean"], data["std"]))
+  train_fn = make_train_fn(config, frozen_stats=frozen_stats, batch_sharding=batch_sharding)
+  eval_fn = functools.partial(make_eval_fn(config, batch_sharding=batch_sharding),
+                              stats=(data["mean"], data["std"]))
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
   compile_s = None
   with StopSignals() as stop:

@@ -1,0 +1,60 @@
+"""Data parallelism over devices with jax.sharding, and multi-host start-up.
+
+With more than one device, `train.fit` lays out a one-axis Mesh ('data') over
+them: the dataset, parameters, optimizer state and BatchNorm statistics are
+replicated, and each batch is sharded along its first axis by a sharding
+constraint inside the jitted step. XLA's SPMD partitioner then runs each
+device on its slice and all-reduces the gradients (and BatchNorm's batch
+statistics, so they are those of the whole batch, as on one device). The
+update is the same computation as on one device, up to the order of float
+additions in those reductions.
+
+Multi-host: start every process with the same flags plus
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
+(`initialize_distributed` calls `jax.distributed.initialize`); `jax.devices()`
+then lists the devices of all hosts and the same mesh spans them.
+"""
+from typing import Optional, Sequence, Tuple
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdl.errors import ConfigError
+
+AXIS = "data"
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
+  """A 1-D mesh over `devices` (default: all), or None for a single device."""
+  devices = list(devices) if devices is not None else jax.devices()
+  if len(devices) <= 1:
+    return None
+  return Mesh(devices, (AXIS,))
+
+
+def shardings(mesh: Optional[Mesh]) -> Tuple[Optional[NamedSharding], Optional[NamedSharding]]:
+  """(replicated, batch-sharded along axis 0) for `mesh`; (None, None) without one."""
+  if mesh is None:
+    return None, None
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Optional[Mesh]) -> None:
+  """Each device takes an equal slice of every batch."""
+  if mesh is not None and batch_size % mesh.size:
+    raise ConfigError(f"batch_size {batch_size} does not split evenly over {mesh.size} devices; "
+                      f"use a multiple of {mesh.size}")
+
+
+def round_up(size: int, mesh: Optional[Mesh]) -> int:
+  """`size` rounded up to a multiple of the device count (eval batches are padded)."""
+  n = 1 if mesh is None else mesh.size
+  return -(-size // n) * n
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """Joins a multi-host run (before anything touches a device)."""
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ConfigError(f"process_id must be in [0, num_processes), got {process_id} of {num_processes}")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
