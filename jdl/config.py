@@ -72,6 +72,8 @@ class TrainConfig:
                            "or skip (leave the state unchanged for that step and count it)")
   # --- run ---
   seed: int = option(0, "seed of initialisation, data order, augmentation and dropout")
+  num_seeds: int = option(1, "train this many replicas (seeds seed..seed+N-1, same data) in one vmapped "
+                          "program and report mean ± std")
   workdir: Optional[str] = option(None, "checkpoints, metrics and plots go here; rerunning resumes (default runs/DATASET-MODEL-seedS)")
   keep_checkpoints: int = option(2, "latest checkpoints kept for resume (the best is kept separately)")
   log_every: int = option(50, "steps between progress-bar loss updates (each is a device sync)")
@@ -180,6 +182,9 @@ def validate(config: TrainConfig) -> None:
         f"nan_policy must be stop or skip, got {config.nan_policy!r}")
   check(config.precision in ("float32", "bfloat16"),
         f"precision must be float32 or bfloat16, got {config.precision!r}")
+  check(config.num_seeds >= 1, f"num_seeds must be >= 1, got {config.num_seeds}")
+  check(not (config.num_seeds > 1 and config.early_stopping_patience),
+        "--num_seeds > 1 trains every replica for --epochs; drop --early_stopping_patience")
   check(config.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
   check(config.log_every >= 1, f"log_every must be >= 1, got {config.log_every}")
   check(not (config.early_stopping_patience and config.validation_fraction == 0),

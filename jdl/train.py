@@ -396,11 +396,18 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   Returns:
     (state, results): the TrainState evaluated on test (the best by validation
     accuracy when there is a validation split) and the dict also written to
-    WORKDIR/results.json.
+    WORKDIR/results.json. With config.num_seeds > 1, `jdl.seeds.fit_seeds`'s
+    stacked states and mean ± std results instead.
   """
   from tqdm import tqdm
   start_time = time.time()
   validate(config)
+  if config.num_seeds > 1:
+    if any(x is not None for x in (model, variables, input_stats, devices)) or frozen:
+      raise ConfigError("--num_seeds > 1 trains config.model from scratch; it takes no model, "
+                        "variables, frozen, input_stats or devices")
+    from jdl import seeds  # It builds on this module.
+    return seeds.fit_seeds(config, dataset, progress=progress, log=log)
   workdir, created = prepare_workdir(config)
 
   # --- Input: the whole dataset on the device. ---

@@ -503,6 +503,7 @@ def validate(config: TransferConfig) -> None:
 
   check(config.scenario in SCENARIOS + ("all",),
         f"unknown scenario {config.scenario!r}; choose one of: {', '.join(SCENARIOS + ('all',))}")
+  check(config.num_seeds == 1, "--num_seeds applies to experiments.cifar and sequence, not transfer")
   check(config.head_pool in ("avg", "flatten"),
         f"head_pool must be avg or flatten, got {config.head_pool!r}")
   check(not (config.pretrained_workdir and config.pretrained_weights),
