@@ -198,10 +198,11 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
-  (state, sums, status), where `data` = {'images': uint8 (N,H,W,C), 'labels': (N,),
-  'mean', 'std': (C,) input normalisation} on the device, `order` the epoch's permutation, `index` the step within the
-  epoch and `sums` running sums of the step metrics over the steps that were
-  not skipped, plus the count of skipped ones (fetched only at log points).
+  (state, sums, status), where `data` = {'images': uint8 (N,H,W,C), 'labels':
+  (N,), 'mean', 'std': (C,) input normalisation} on the device, `order` the
+  epoch's permutation, `index` the step within the epoch and `sums` running
+  sums of the step metrics over the steps that were not skipped, plus the
+  count of skipped ones (fetched only at log points).
   `status` is an int32 scalar, 0 for a good step, 1 for a non-finite loss and
   2 for finite loss but non-finite gradients. It is not donated onwards: the
   loop waits on it a couple of steps behind, so the progress bar counts

@@ -474,8 +474,8 @@ class TransferConfig(TrainConfig):
                                              "pretrained model (default: pretrain on the shapes source task)")
   pretrained_weights: Optional[str] = option(None, "a torchvision-layout ResNet state dict as .safetensors "
                                              "(never pickle) for --model=resnet18/resnet34")
-  cut_at: Optional[str] = option(None, "feature to cut the pretrained model at (default: pre_logits for similar "
-                                 "data, a middle feature for small_different)")
+  cut_at: Optional[str] = option(None, "feature to cut the pretrained model at (default: a middle feature for "
+                                 "small_different, pre_logits, i.e. drop the last layer, otherwise)")
   head_pool: str = option("flatten", "how the new head turns cut feature maps into a vector: flatten (keeps "
                           "positions; more weights) or avg (global average pooling, the notes' bottleneck head)")
   bottleneck: bool = option(False, "frozen-backbone scenarios: compute the backbone's features once, cache them "
