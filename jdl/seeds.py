@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl import checkpoint, train
-from jdl.config import TrainConfig, make_writable_dir, validate
-from jdl.data import Dataset, load_dataset, pipeline, split_validation
+from jdl.config import TrainConfig, validate
+from jdl.data import Dataset, pipeline
 from jdl.errors import ConfigError, TrainingError
 from jdl.logs import MetricWriter, write_json
 
@@ -60,19 +60,9 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   if len(jax.devices()) > 1:
     raise ConfigError("--num_seeds > 1 runs on one device (the replicas are the parallel axis); "
                       "data parallel runs take one seed")
-  workdir, _ = train.prepare_workdir(config)
-  if dataset is None:
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir,
-                           num_train=config.num_train or None, num_test=config.num_test or None,
-                           seed=config.seed, download=config.download)
-  train_split, val = split_validation(dataset.train, config.validation_fraction, config.seed)
+  workdir, created = train.prepare_workdir(config)
+  dataset, train_split, val = train.start_run(config, dataset, workdir, created)
   num_train, num_classes = len(train_split[1]), dataset.num_classes
-  if config.batch_size > num_train:
-    raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
-                      f"({num_train} examples after holding out validation)")
-  write_json(os.path.join(workdir, "config.json"),
-             {**dataclasses.asdict(config), "num_classes": num_classes,
-              "input_shape": list(dataset.input_shape)})
   steps_per_epoch = num_train // config.batch_size
   mean, std = pipeline.channel_stats(train_split[0])
   data = jax.device_put({"images": train_split[0], "labels": train_split[1], "mean": mean, "std": std})

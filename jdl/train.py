@@ -319,6 +319,37 @@ def prepare_workdir(config: TrainConfig) -> Tuple[str, bool]:
   return workdir, created
 
 
+def start_run(config: TrainConfig, dataset: Optional[Dataset], workdir: str, created: bool,
+              mesh=None) -> Tuple[Dataset, Any, Any]:
+  """Loads the data, holds out validation, checks sizes, writes config.json.
+
+  Returns (dataset, train split, validation split). On any failure a workdir
+  this run created is removed again if still empty.
+  """
+  try:
+    if dataset is None:
+      dataset = load_dataset(config.dataset, data_dir=config.data_dir,
+                             num_train=config.num_train or None, num_test=config.num_test or None,
+                             seed=config.seed, download=config.download)
+    train, val = split_validation(dataset.train, config.validation_fraction, config.seed)
+    if config.augment and len(dataset.input_shape) != 3:
+      raise ConfigError(f"--augment needs images (H, W, C); {dataset.name} has inputs of shape "
+                        f"{dataset.input_shape}")
+    parallel.check_batch_size(config.batch_size, mesh)
+    if config.batch_size > len(train[1]):
+      raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
+                        f"({len(train[1])} examples after holding out validation)")
+  except BaseException:
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)  # Leave no empty run directory behind a failed start.
+    raise
+  # The config, plus what rebuilding the model needs (transfer learning reads it).
+  write_json(os.path.join(workdir, "config.json"),
+             {**dataclasses.asdict(config), "num_classes": dataset.num_classes,
+              "input_shape": list(dataset.input_shape)})
+  return dataset, train, val
+
+
 def _check_step(step: int, status, nan_policy: str, epoch: int, workdir: str) -> None:
   """Waits for a dispatched step; under nan_policy 'stop' raises on a bad one."""
   status = int(status)  # Blocks until that step has run.
@@ -412,29 +443,9 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   workdir, created = prepare_workdir(config)
 
   # --- Input: the whole dataset on the device. ---
-  try:
-    if dataset is None:
-      dataset = load_dataset(config.dataset, data_dir=config.data_dir,
-                             num_train=config.num_train or None, num_test=config.num_test or None,
-                             seed=config.seed, download=config.download)
-    train, val = split_validation(dataset.train, config.validation_fraction, config.seed)
-    num_train, num_classes = len(train[1]), dataset.num_classes
-    if config.augment and len(dataset.input_shape) != 3:
-      raise ConfigError(f"--augment needs images (H, W, C); {dataset.name} has inputs of shape "
-                        f"{dataset.input_shape}")
-    mesh = parallel.data_mesh(devices)
-    parallel.check_batch_size(config.batch_size, mesh)
-    if config.batch_size > num_train:
-      raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
-                        f"({num_train} examples after holding out validation)")
-  except BaseException:
-    if created and not os.listdir(workdir):
-      os.rmdir(workdir)  # Leave no empty run directory behind a failed start.
-    raise
-  # The config, plus what rebuilding the model needs (transfer learning reads it).
-  write_json(os.path.join(workdir, "config.json"),
-             {**dataclasses.asdict(config), "num_classes": num_classes,
-              "input_shape": list(dataset.input_shape)})
+  mesh = parallel.data_mesh(devices)
+  dataset, train, val = start_run(config, dataset, workdir, created, mesh)
+  num_train, num_classes = len(train[1]), dataset.num_classes
   steps_per_epoch = num_train // config.batch_size  # The remainder is dropped; order changes every epoch.
   mean, std = input_stats if input_stats is not None else pipeline.channel_stats(train[0])
   # mean/std travel as arguments, not constants baked into the programs, so runs
