@@ -33,13 +33,7 @@ def plot_learning_curves(history: List[dict], path: str, title: str = "",
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path, title)
 
 
 def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
@@ -65,6 +59,11 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
     ax.set_title(name)
     ax.grid(alpha=0.3)
     ax.legend()
+  return _save(fig, path, title)
+
+
+def _save(fig, path: str, title: str = "") -> str:
+  """Titles, lays out and writes `fig` as a PNG (creating its directory); returns `path`."""
   if title:
     fig.suptitle(title)
   fig.tight_layout()

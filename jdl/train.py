@@ -87,6 +87,12 @@ def build_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int)
   return tx, schedule
 
 
+def init_variables(model, input_shape, rng) -> dict:
+  """Fresh {'params', 'batch_stats'?} of `model` for (1, *input_shape) inputs."""
+  init = jax.jit(functools.partial(model.init, train=False))
+  return init({"params": rng}, jnp.zeros((1, *input_shape), jnp.float32))
+
+
 def create_train_state(model, input_shape, tx, rng, *, variables=None,
                        frozen: Sequence[str] = ()) -> TrainState:
   """Initialises parameters (and BatchNorm statistics) for (1, *input_shape) inputs.
@@ -99,8 +105,7 @@ def create_train_state(model, input_shape, tx, rng, *, variables=None,
     frozen: regexes on parameter paths that get no update (`optim.freeze`).
   """
   if variables is None:
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init({"params": rng}, jnp.zeros((1, *input_shape), jnp.float32))
+    variables = init_variables(model, input_shape, rng)
   if frozen:
     tx = optim.freeze(tx, variables["params"], frozen)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,

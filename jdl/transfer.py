@@ -185,9 +185,9 @@ def default_cut(model: nn.Module, input_shape: Sequence[int], similar: bool) -> 
 
 
 def init_variables(model: nn.Module, input_shape: Sequence[int], seed: int = 0) -> dict:
-  """Fresh {'params', 'batch_stats'?} of `model` for (1, *input_shape) inputs."""
-  init = jax.jit(lambda key: model.init({"params": key}, jnp.zeros((1, *input_shape)), train=False))
-  return jax.device_get(dict(init(jax.random.key(seed, impl=train.PRNG_IMPL))))
+  """Fresh {'params', 'batch_stats'?} of `model` for (1, *input_shape) inputs, on the host."""
+  key = jax.random.key(seed, impl=train.PRNG_IMPL)
+  return jax.device_get(dict(train.init_variables(model, input_shape, key)))
 
 
 # ----------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def _pick(images, labels, classes, per_class):
   """The first `per_class` images of each class in `classes`, labels renumbered 0.."""
   keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
   keep.sort()  # generation order, i.e. already shuffled
-  relabel = np.full(labels.max() + 1, -1, np.int32)
+  relabel = np.full(max(labels.max(), max(classes)) + 1, -1, np.int32)
   relabel[list(classes)] = np.arange(len(classes))
   return images[keep], relabel[labels[keep]]
 
@@ -542,10 +542,8 @@ def _train_config(config: TransferConfig, **changes) -> TrainConfig:
 
 
 def _subsample(dataset: Dataset, per_class: int, name: str) -> Dataset:
-  images, labels = dataset.train
-  keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class]
-                                 for c in range(dataset.num_classes)]))
-  return dataclasses.replace(dataset, name=name, train=(images[keep], labels[keep]))
+  return dataclasses.replace(dataset, name=name,
+                             train=_pick(*dataset.train, range(dataset.num_classes), per_class))
 
 
 def target_tasks(config: TransferConfig) -> Dict[str, Dataset]:
