@@ -29,13 +29,13 @@ import optax
 from jdl import checkpoint
 from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
-from jdl.errors import ConfigError, Interrupted, TrainingError
+from jdl.errors import ConfigError, Interrupted
 from jdl.gan import save_image_grid
 from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
 from jdl.plots import plot_panels
 from jdl.summary import summarize
-from jdl.train import PRNG_IMPL, StopSignals, TrainState
+from jdl.train import PRNG_IMPL, StepChecker, StopSignals, TrainState, keep_if, step_status
 
 # BT.601 luma weights of R, G, B.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -56,6 +56,8 @@ class ColorizeConfig:
   seed: int = option(0, "seed of initialisation and data order")
   workdir: Optional[str] = option(None, "checkpoints, PNGs, metrics go here; rerunning resumes (default runs/colorize-DATASET-seedS)")
   keep_checkpoints: int = option(2, "latest checkpoints kept for resume")
+  nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (naming the step) or skip "
+                                   "the step (counted in metrics.jsonl); either way it is not applied")
 
 
 def validate_config(config: ColorizeConfig) -> None:
@@ -68,6 +70,8 @@ def validate_config(config: ColorizeConfig) -> None:
   for name in ("epochs", "num_train", "num_test"):
     if getattr(config, name) < 0:
       raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+  if config.nan_policy not in ("stop", "skip"):
+    raise ConfigError(f"nan_policy must be stop or skip, got {config.nan_policy!r}")
 
 
 def to_unit(images) -> jax.Array:
@@ -115,7 +119,11 @@ def _variables(state: TrainState, params) -> dict:
 
 
 def train_step(state: TrainState, colour) -> tuple:
-  """One MSE update on colour images in [-1, 1]: (state, loss on the [0, 1] scale)."""
+  """One MSE update on colour images in [-1, 1]: (state, loss on the [0, 1] scale, status).
+
+  status: int32, 0 good, 1 non-finite loss, 2 non-finite gradients; a bad step
+  is not applied (only the step counter moves), as in jdl.train.train_step.
+  """
   grey = to_grey(colour)
 
   def loss_fn(params):
@@ -124,8 +132,10 @@ def train_step(state: TrainState, colour) -> tuple:
     return jnp.mean((predicted - colour) ** 2), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, loss / 4.0  # [-1, 1] -> [0, 1] scale: errors halve, squares quarter
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  ok, status = step_status(loss, optax.global_norm(grads))
+  state = keep_if(ok, new_state, state).replace(step=new_state.step)
+  return state, loss / 4.0, status  # [-1, 1] -> [0, 1] scale: errors halve, squares quarter
 
 
 @jax.jit
@@ -184,48 +194,64 @@ def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=prin
   # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
   mean_colour = to_unit(images.reshape(-1, 3).mean(0))
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  meta = {"epoch": 0, "train_time_s": 0.0}
+  # step_in_epoch/partial_sums: where a SIGTERM stopped inside an epoch.
+  meta = {"epoch": 0, "step_in_epoch": 0, "partial_sums": None, "train_time_s": 0.0}
   restored = ckpts.restore_latest(state)
   if restored is not None:
     state, saved = restored
     meta.update(saved)
-    log(f"Resuming from {workdir}: epoch {meta['epoch']} done")
+    log(f"Resuming from {workdir}: epoch {meta['epoch']} done, step {int(state.step)}")
   writer = MetricWriter(workdir, meta["epoch"])
   data = jax.device_put(images)
   steps_per_epoch = len(images) // config.batch_size
   shown = dataset.test[0][:8]
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_fn(state, loss_sum, data, order, index):
+  def train_fn(state, sums, data, order, index):
+    """sums: {'loss': summed over good steps, 'skipped': count of bad ones}."""
     idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)
-    state, loss = train_step(state, to_unit(data[idx]))
-    return state, loss_sum + loss
+    state, loss, status = train_step(state, to_unit(data[idx]))
+    bad = (status > 0).astype(jnp.float32)
+    return state, {"loss": sums["loss"] + jnp.where(status > 0, 0.0, loss),
+                   "skipped": sums["skipped"] + bad}, status
 
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
   with StopSignals() as stop:
     for epoch in range(meta["epoch"] + 1, config.epochs + 1):
       epoch_start = time.time()
+      first_index = meta["step_in_epoch"]
       order = order_fn(data_key, epoch, len(images))
-      loss_sum = jnp.zeros((), jnp.float32)
-      for index in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step",
-                        disable=not progress, leave=False, file=sys.stderr, mininterval=0.5):
-        state, loss_sum = train_fn(state, loss_sum, data, order, index)
-        if stop.signum:
-          break  # the epoch is redone on resume (the checkpoint is its start)
-      if stop.signum and index + 1 < steps_per_epoch:
-        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} in epoch {epoch}; the "
-                          f"checkpoint of epoch {meta['epoch']} in {workdir} is kept; rerun the same "
-                          "command to continue", stop.signum)
-      train_mse = float(loss_sum) / steps_per_epoch
-      if not math.isfinite(train_mse):
-        raise TrainingError(f"non-finite loss in epoch {epoch}; the checkpoint of epoch {epoch - 1} "
-                            f"in {workdir} is unaffected. Lower --learning_rate")
+      sums = {k: jnp.asarray((meta["partial_sums"] or {}).get(k, 0.0), jnp.float32)
+              for k in ("loss", "skipped")}
+      with tqdm(total=steps_per_epoch, initial=first_index, desc=f"epoch {epoch}/{config.epochs}",
+                unit="step", disable=not progress, leave=False, file=sys.stderr,
+                mininterval=0.5) as bar:
+        checker = StepChecker(config.nan_policy, epoch, workdir, on_done=lambda: bar.update(1),
+                              hint="Lower --learning_rate, or pass --nan_policy=skip to skip such steps")
+        for index in range(first_index, steps_per_epoch):
+          state, sums, status = train_fn(state, sums, data, order, index)
+          checker.push(int(state.step), status)
+          if stop.signum and index + 1 < steps_per_epoch:
+            checker.flush()  # a bad step stops here, before its state could be saved
+            # Save this step and the epoch's position, so the rerun continues from here.
+            meta.update(step_in_epoch=index + 1,
+                        partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
+            meta["train_time_s"] += time.time() - epoch_start
+            ckpts.save_latest(int(state.step), state, meta)
+            raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {int(state.step)} "
+                              f"(epoch {epoch}); checkpoint saved in {workdir}; rerun the same command "
+                              "to continue", stop.signum)
+        checker.flush()
+      sums = jax.device_get(sums)
+      train_mse = float(sums["loss"]) / max(steps_per_epoch - float(sums["skipped"]), 1)
       meta["train_time_s"] += time.time() - epoch_start
       row = {"train_mse": train_mse, **test_errors(state, dataset.test[0], mean_colour)}
+      if config.nan_policy == "skip":
+        row["train_skipped_steps"] = float(sums["skipped"])
       png = save_comparison(state, shown, os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"))
       writer.write(int(state.step), epoch, row)
       writer.add_image("grey_predicted_true", png, int(state.step))
-      meta["epoch"] = epoch
+      meta.update(epoch=epoch, step_in_epoch=0, partial_sums=None)
       ckpts.save_latest(int(state.step), state, meta)
       log(f"epoch {epoch}/{config.epochs}  train MSE {train_mse:.4f}  test MSE {row['test_mse']:.4f}  "
           f"(mean colour {row['mean_colour_mse']:.4f}, grey copy {row['grey_copy_mse']:.4f})  "

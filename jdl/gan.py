@@ -38,8 +38,8 @@ from flax import struct
 
 from jdl.config import make_writable_dir, option
 from jdl.data import pipeline
-from jdl.errors import ConfigError, Interrupted, TrainingError
-from jdl.train import PRNG_IMPL, TrainState
+from jdl.errors import ConfigError, Interrupted
+from jdl.train import PRNG_IMPL, StepChecker, TrainState, keep_if, step_status
 
 
 class GANState(struct.PyTreeNode):
@@ -162,7 +162,9 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
       (Salimans et al. 2016), which keeps D from becoming overconfident.
   Returns:
     (new state, metrics): d_loss, g_loss, d_real = mean sigmoid(D(x)),
-    d_fake = mean sigmoid(D(G(z))) before D's update, d_grad_norm, g_grad_norm.
+    d_fake = mean sigmoid(D(G(z))) before D's update, d_grad_norm, g_grad_norm,
+    and status (int32: 0 good, 1 non-finite loss, 2 non-finite gradients; a
+    bad step is not applied).
   """
   g, d = state.g, state.d
   extra = _label_args(labels, state.num_classes)
@@ -196,7 +198,12 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
              'd_fake': jax.nn.sigmoid(fake_logits).mean(),
              'd_grad_norm': optax.global_norm(d_grads),
              'g_grad_norm': optax.global_norm(g_grads)}
-  return state.replace(g=g, d=d), metrics
+  # A step with a non-finite loss or gradient in either network changes neither
+  # (only the step counters move), as in jdl.train.train_step.
+  ok, metrics['status'] = step_status(d_loss + g_loss, metrics['d_grad_norm'] + metrics['g_grad_norm'])
+  new = state.replace(g=g, d=d)
+  kept = keep_if(ok, new, state)
+  return kept.replace(g=kept.g.replace(step=g.step), d=kept.d.replace(step=d.step)), metrics
 
 
 @jax.jit
@@ -226,8 +233,8 @@ def to_unit_range(images) -> jax.Array:
 
 
 def to_uint8(images) -> np.ndarray:
-  """Images in [-1, 1] (values outside are clipped) -> uint8 in [0, 255]."""
-  images = np.asarray(images, np.float32)
+  """Images in [-1, 1] (values outside are clipped, NaN is drawn black) -> uint8 in [0, 255]."""
+  images = np.nan_to_num(np.asarray(images, np.float32), nan=-1.0)
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -341,6 +348,8 @@ class GANConfig:
   seed: int = option(0, "seed of initialisation, data order and noise")
   workdir: Optional[str] = option(None, "checkpoints, sample grids, metrics go here; rerunning resumes (default runs/gan-DATASET-seedS)")
   keep_checkpoints: int = option(2, "latest checkpoints kept for resume")
+  nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (naming the step) or skip "
+                                   "the step (counted in metrics.jsonl); either way it is not applied")
 
 
 def validate_config(config: GANConfig) -> None:
@@ -358,6 +367,7 @@ def validate_config(config: GANConfig) -> None:
   check(config.num_eval >= 2, f"num_eval must be >= 2, got {config.num_eval}")
   check(config.epochs >= 0, f"epochs must be >= 0, got {config.epochs}")
   check(config.num_train >= 0, f"num_train must be >= 0, got {config.num_train}")
+  check(config.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {config.nan_policy!r}")
   check(not config.classifier_workdir
         or os.path.exists(os.path.join(config.classifier_workdir, "config.json")),
         f"--classifier_workdir {config.classifier_workdir} holds no experiments.cifar run "
@@ -526,10 +536,14 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
                                                      config.batch_size)
     state, metrics = gan_train_step(state, to_unit_range(batch_images), batch_labels,
                                     jax.random.fold_in(step_key, state.step), config.real_label)
-    return state, jax.tree.map(jnp.add, sums, metrics)
+    status = metrics.pop("status")
+    bad = status > 0  # a skipped step's metrics stay out of the sums; it is counted
+    sums = {k: sums[k] + (bad.astype(jnp.float32) if k == "skipped" else jnp.where(bad, 0.0, metrics[k]))
+            for k in sums}
+    return state, sums, status
 
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
-  names = ("d_loss", "g_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm")
+  names = ("d_loss", "g_loss", "d_real", "d_fake", "d_grad_norm", "g_grad_norm", "skipped")
   with StopSignals() as stop:
     for epoch in range(meta["epoch"] + 1, config.epochs + 1):
       epoch_start = time.time()
@@ -537,15 +551,18 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
       order = order_fn(data_key, epoch, len(labels))
       sums = {k: jnp.zeros((), jnp.float32) for k in names}
       if meta["partial_sums"]:
-        sums = {k: jnp.asarray(meta["partial_sums"][k], jnp.float32) for k in names}
+        sums = {k: jnp.asarray(meta["partial_sums"].get(k, 0.0), jnp.float32) for k in names}
       with tqdm(total=steps_per_epoch, initial=first_index, unit="step", desc=f"epoch {epoch}/{config.epochs}",
                 disable=not progress, leave=False, file=sys.stderr, mininterval=0.5) as bar:
+        checker = StepChecker(config.nan_policy, epoch, workdir, on_done=lambda: bar.update(1),
+                              hint="Lower --learning_rate, or pass --nan_policy=skip to skip such steps")
         for index in range(first_index, steps_per_epoch):
-          state, sums = train_fn(state, sums, data, order, index, step_key)
+          state, sums, status = train_fn(state, sums, data, order, index, step_key)
+          checker.push(int(state.step), status)
           if (index + 1) % 20 == 0:
             bar.set_postfix(d_loss=f"{float(sums['d_loss']) / (index + 1 - first_index + 1e-9):.3f}")
-          bar.update(1)
           if stop.signum and index + 1 < steps_per_epoch:
+            checker.flush()  # a bad step stops here, before its state could be saved
             meta.update(step_in_epoch=index + 1,
                         partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
             meta["train_time_s"] += time.time() - epoch_start
@@ -553,11 +570,12 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
             raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {int(state.step)} "
                               f"(epoch {epoch}); checkpoint saved in {workdir}; rerun the same command "
                               "to continue", stop.signum)
+        checker.flush()
       sums = jax.device_get(sums)
-      row = {k: float(v) / steps_per_epoch for k, v in sums.items()}
-      if not all(math.isfinite(v) for v in row.values()):
-        raise TrainingError(f"non-finite GAN losses in epoch {epoch} ({row}); the checkpoint of "
-                            f"epoch {epoch - 1} in {workdir} is unaffected. Lower --learning_rate")
+      skipped = float(sums.pop("skipped"))
+      row = {k: float(v) / max(steps_per_epoch - skipped, 1) for k, v in sums.items()}
+      if config.nan_policy == "skip":
+        row["skipped_steps"] = skipped
       meta["train_time_s"] += time.time() - epoch_start
       row.update(sample_quality(state, scorer, real_features, eval_key, len(eval_images), num_classes))
       row["epoch_time_s"] = time.time() - epoch_start

@@ -34,12 +34,12 @@ from flax.training import train_state
 
 from jdl import checkpoint, optim
 from jdl.config import make_writable_dir, option
-from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
+from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted
 from jdl.logs import MetricWriter, write_json
 from jdl.models.rnn import LanguageModel
 from jdl.plots import plot_learning_curves
 from jdl.summary import summarize
-from jdl.train import PRNG_IMPL, StopSignals
+from jdl.train import PRNG_IMPL, StepChecker, StopSignals, keep_if, step_status
 
 # The offline default corpus, shipped with the package (see its NOTICE).
 DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "text", "python_reference.txt")
@@ -78,6 +78,8 @@ class TextConfig:
   workdir: Optional[str] = option(None, "checkpoints, metrics, samples go here; rerunning resumes (default runs/text-NAME-seedS)")
   keep_checkpoints: int = option(2, "latest checkpoints kept for resume (the best is kept separately)")
   log_every: int = option(50, "steps between progress-bar loss updates (each is a device sync)")
+  nan_policy: str = option("stop", "on a non-finite loss or gradient: stop (naming the step) or skip "
+                                   "the step (counted in metrics.jsonl); either way it is not applied")
 
 
 def validate(config: TextConfig) -> None:
@@ -90,6 +92,7 @@ def validate(config: TextConfig) -> None:
       raise ConfigError(message)
 
   check(not (config.text_file and config.dataset), "give --text_file or --dataset, not both")
+  check(config.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {config.nan_policy!r}")
   check(math.isfinite(config.learning_rate) and config.learning_rate > 0,
         f"learning_rate must be > 0, got {config.learning_rate}")
   for name in ("embed_dim", "hidden_size", "num_layers", "seq_len", "batch_size", "eval_every",
@@ -234,15 +237,16 @@ def create_state(model: LanguageModel, config: TextConfig, key) -> train_state.T
 
 
 def make_train_step(batch_size: int, seq_len: int):
-  """Returns the jitted step (state, tokens, step_key, first_bad) -> (state, loss, first_bad).
+  """Returns the jitted step (state, tokens, step_key) -> (state, loss, status).
 
   tokens: (N,) int32, the whole training text on the device. Step s draws
   `batch_size` window starts from fold_in(step_key, s), so a resumed run sees
-  the same windows. A step with a non-finite loss or gradient is not applied;
-  `first_bad` (-1 while none) records the first such step for the loop to report.
+  the same windows. A step with a non-finite loss or gradient is not applied
+  (only the step counter moves); `status` (int32: 0 good, 1 non-finite loss,
+  2 non-finite gradients, as jdl.train.step_status) tells the loop.
   """
   @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, tokens, step_key, first_bad):
+  def step(state, tokens, step_key):
     window_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     starts = jax.random.randint(window_key, (batch_size, 1), 0, tokens.shape[0] - seq_len)
     windows = tokens[starts + jnp.arange(seq_len + 1)[None, :]]  # (B, L + 1)
@@ -254,14 +258,10 @@ def make_train_step(batch_size: int, seq_len: int):
       return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    ok = jnp.isfinite(loss) & jnp.all(jnp.array(
-        [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    ok, status = step_status(loss, optax.global_norm(grads))
     new = state.apply_gradients(grads=grads)
     # Skip a bad update but still count the step, so step numbers stay aligned.
-    state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
-                         state.replace(step=state.step + 1))
-    first_bad = jnp.where((first_bad < 0) & ~ok, state.step - 1, first_bad)
-    return state, loss, first_bad
+    return keep_if(ok, new, state).replace(step=new.step), loss, status
   return step
 
 
@@ -467,7 +467,11 @@ def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
   init_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
   state = create_state(model, config, init_key)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  meta = {"step": 0, "evals": 0, "best_val_bpc": None, "best_step": 0, "train_time_s": 0.0}
+  # partial_loss_sum/count: the training loss summed since the last evaluation,
+  # saved when a SIGTERM stops between evaluations, so the resumed segment's
+  # train_bpc still averages every one of its steps.
+  meta = {"step": 0, "evals": 0, "best_val_bpc": None, "best_step": 0, "train_time_s": 0.0,
+          "partial_loss_sum": 0.0, "partial_loss_count": 0, "partial_skipped": 0}
   restored = ckpts.restore_latest(state)
   if restored is not None:
     state, saved = restored
@@ -479,43 +483,45 @@ def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
   windows = validation_windows(corpus.val, config.seq_len)
   train_step = make_train_step(config.batch_size, config.seq_len)
   eval_fn = make_eval_fn(model)
-  first_bad = jnp.int32(-1)
-
-  def check(first_bad):
-    bad = int(first_bad)
-    if bad >= 0:
-      raise TrainingError(f"non-finite loss or gradient at step {bad}; the update was not applied "
-                          f"and the last checkpoint in {workdir} is unaffected. Lower "
-                          "--learning_rate or set --clip_norm")
-
   with StopSignals() as stop, tqdm(total=config.steps, initial=meta["step"], unit="step",
                                    desc="training", disable=not progress, leave=False,
                                    file=sys.stderr, mininterval=0.5) as bar:
-    segment_start, loss_sum, loss_count = time.time(), 0.0, 0
+    segment_start = time.time()
+    # Sums over the segment since the last evaluation; loss_sum and skipped stay on the device.
+    loss_sum, loss_count = meta["partial_loss_sum"], meta["partial_loss_count"]
+    skipped = meta["partial_skipped"]
+    checker = StepChecker(config.nan_policy, None, workdir, on_done=lambda: bar.update(1))
     while meta["step"] < config.steps:
-      state, loss, first_bad = train_step(state, tokens, step_key, first_bad)
+      state, loss, status = train_step(state, tokens, step_key)
       meta["step"] += 1
-      loss_sum, loss_count = loss_sum + loss, loss_count + 1  # stays on the device
-      bar.update(1)
+      checker.push(meta["step"], status)
+      bad = status > 0
+      loss_sum, loss_count = loss_sum + jnp.where(bad, 0.0, loss), loss_count + 1
+      skipped = skipped + bad.astype(jnp.int32)
       done = meta["step"] == config.steps
       if meta["step"] % config.log_every == 0 or done or stop.signum:
-        check(first_bad)
+        checker.flush()
         bar.set_postfix(loss=f"{float(loss):.3f}")
       if stop.signum and not done and meta["step"] % config.eval_every:
         meta["train_time_s"] += time.time() - segment_start
+        meta.update(partial_loss_sum=float(loss_sum), partial_loss_count=loss_count,
+                    partial_skipped=int(skipped))
         ckpts.save_latest(meta["step"], state, meta)
         raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {meta['step']}; "
                           f"checkpoint saved in {workdir}; rerun the same command to continue",
                           stop.signum)
       if meta["step"] % config.eval_every == 0 or done:
-        check(first_bad)
+        checker.flush()
         meta["train_time_s"] += time.time() - segment_start
-        train_bpc = float(loss_sum) / loss_count / math.log(2)
+        train_bpc = float(loss_sum) / max(loss_count - int(skipped), 1) / math.log(2)
         val_bpc = evaluate_bpc(eval_fn, state.params, windows)
         meta["evals"] += 1
+        meta.update(partial_loss_sum=0.0, partial_loss_count=0, partial_skipped=0)
         row = {"train_loss": train_bpc * math.log(2), "train_bpc": train_bpc,
                "val_loss": val_bpc * math.log(2), "val_bpc": val_bpc,
                "bigram_val_bpc": bigram_bpc}
+        if config.nan_policy == "skip":
+          row["train_skipped_steps"] = int(skipped)
         writer.write(meta["step"], meta["evals"], row)
         if math.isfinite(val_bpc) and (meta["best_val_bpc"] is None or val_bpc < meta["best_val_bpc"]):
           meta.update(best_val_bpc=val_bpc, best_step=meta["step"])
@@ -527,7 +533,7 @@ def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
           raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {meta['step']}; "
                             f"checkpoint saved in {workdir}; rerun the same command to continue",
                             stop.signum)
-        segment_start, loss_sum, loss_count = time.time(), 0.0, 0
+        segment_start, loss_sum, loss_count, skipped = time.time(), 0.0, 0, 0
 
   best = ckpts.restore_best(state)
   params = (best[0] if best is not None else state).params

@@ -169,8 +169,7 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
   grad_norm = optax.global_norm(grads)
   loss_finite = jnp.isfinite(loss)
   ok = loss_finite & jnp.isfinite(grad_norm)
-  state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-  state = state.replace(step=new_state.step)  # Counts batches seen, skipped or not.
+  state = keep_if(ok, new_state, state).replace(step=new_state.step)  # Counts batches seen, skipped or not.
   metrics = {"loss": data_loss,
              "accuracy": metrics_lib.accuracy(logits, labels).mean(),
              "grad_norm": grad_norm,
@@ -355,15 +354,54 @@ def start_run(config: TrainConfig, dataset: Optional[Dataset], workdir: str, cre
   return dataset, train, val
 
 
-def _check_step(step: int, status, nan_policy: str, epoch: int, workdir: str) -> None:
-  """Waits for a dispatched step; under nan_policy 'stop' raises on a bad one."""
-  status = int(status)  # Blocks until that step has run.
-  if status and nan_policy == "stop":
-    what = "loss" if status == 1 else "gradients (the loss was finite)"
-    raise TrainingError(
-        f"non-finite {what} at step {step} (epoch {epoch}); the update was not applied and the "
-        f"last checkpoint in {workdir} is unaffected. Lower --learning_rate, set --clip_norm, "
-        "or pass --nan_policy=skip to skip such steps")
+def keep_if(ok, new, old):
+  """`new` where the scalar `ok` is true, else `old`, leaf by leaf (inside jit: a select per leaf)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def step_status(loss, grad_norm):
+  """(ok, status) of one step: status int32 0 good, 1 non-finite loss, 2 finite loss but
+  non-finite gradients (`grad_norm` is their global norm, non-finite if any is)."""
+  loss_finite = jnp.isfinite(loss)
+  ok = loss_finite & jnp.isfinite(grad_norm)
+  return ok, jnp.where(ok, 0, jnp.where(loss_finite, 2, 1)).astype(jnp.int32)
+
+
+class StepChecker:
+  """Waits on dispatched steps' statuses a few steps behind, so the host notices
+  a non-finite step without a sync per step; under nan_policy 'stop' the first
+  bad one raises TrainingError naming it.
+
+  push(step, status) after dispatching a step; flush() before anything that
+  must see every step checked (a checkpoint, the end of an epoch). `on_done`
+  is called once per checked step (the progress bar). `hint` ends the message.
+  """
+
+  def __init__(self, nan_policy: str, epoch: Optional[int], workdir: str, on_done=None,
+               hint: str = "Lower --learning_rate, set --clip_norm, or pass --nan_policy=skip "
+                           "to skip such steps"):
+    self.nan_policy, self.epoch, self.workdir, self.hint = nan_policy, epoch, workdir, hint
+    self.on_done = on_done or (lambda: None)
+    self.in_flight = collections.deque()  # (step number, status) of dispatched steps
+
+  def push(self, step: int, status) -> None:
+    self.in_flight.append((step, status))
+    while len(self.in_flight) > PIPELINE_DEPTH:
+      self._check(*self.in_flight.popleft())
+
+  def flush(self) -> None:
+    while self.in_flight:
+      self._check(*self.in_flight.popleft())
+
+  def _check(self, step: int, status) -> None:
+    status = int(status)  # Blocks until that step has run.
+    self.on_done()
+    if status and self.nan_policy == "stop":
+      what = "loss" if status == 1 else "gradients (the loss was finite)"
+      raise TrainingError(
+          f"non-finite {what} at step {step}{'' if self.epoch is None else f' (epoch {self.epoch})'}; "
+          "the update was not applied and "
+          f"the last checkpoint in {self.workdir} is unaffected. {self.hint}")
 
 
 @jax.jit
@@ -513,17 +551,16 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
       with tqdm(total=steps_per_epoch * config.batch_size, initial=first_index * config.batch_size,
                 unit="ex", unit_scale=True, desc=f"epoch {epoch}/{config.epochs}",
                 disable=not progress, leave=False, file=sys.stderr, mininterval=0.5) as bar:
-        in_flight = collections.deque()  # (step number, status) of dispatched steps
+        checker = StepChecker(config.nan_policy, epoch, workdir,
+                              on_done=lambda: bar.update(config.batch_size))
         for index in range(first_index, steps_per_epoch):
           state, sums, status = train_fn(state, sums, data, order, index, step_key)
           if compile_s is None:
             jax.block_until_ready(sums)  # Once: separates compile time from step time.
             compile_s = time.time() - epoch_start
-          in_flight.append((int(state.step), status))
-          while in_flight and (len(in_flight) > PIPELINE_DEPTH or stop.signum
-                               or index + 1 == steps_per_epoch):
-            _check_step(*in_flight.popleft(), config.nan_policy, epoch, workdir)
-            bar.update(config.batch_size)
+          checker.push(int(state.step), status)
+          if stop.signum or index + 1 == steps_per_epoch:
+            checker.flush()
           if (index + 1) % config.log_every == 0:
             bar.set_postfix(loss=f"{float(sums['loss']) / max(index + 1 - float(sums['skipped']), 1):.4f}")
           if stop.signum and index + 1 < steps_per_epoch:

@@ -1,24 +1,37 @@
-"""Runs `experiments.cifar` and signals itself at a chosen point (for test_reliability).
+"""Runs an experiment and signals itself at a chosen point (for the kill tests).
 
-  python tests/kill_driver.py MODE N FLAGS...
+  python tests/kill_driver.py EXPERIMENT MODE N FLAGS...
 
-MODE says where the signal comes, N which occurrence:
-  step      SIGKILL right after the N-th training step is dispatched (mid-epoch);
+EXPERIMENT is a module such as experiments.cifar; MODE says where the signal
+comes, N which occurrence:
+  step      SIGKILL right after the N-th training step is dispatched (mid-epoch;
+            the loop of jdl.train.fit only);
+  term      SIGTERM at the same point;
+  look      SIGKILL at the N-th time the training loop looks at its stop flag
+            (`StopSignals.signum`, read after each step: once per step in the
+            gan and colorize loops, once or twice in the text loop); only
+            looks from the experiment's own loop count (jdl.gan for
+            experiments.gan, ...), not from a classifier it trains first;
+  lookterm  SIGTERM at the same point;
   save      SIGKILL right after the N-th checkpoint save returns;
   finalize  SIGKILL inside the N-th Orbax commit: the checkpoint's files are
-            written to its temporary directory but it is not yet renamed;
-  term      SIGTERM right after the N-th training step is dispatched.
+            written to its temporary directory but it is not yet renamed.
 The signals are real; only the moment is chosen, so the tests are deterministic.
 Nothing here is imported by jdl.
 """
+import importlib
 import os
 import runpy
 import signal
 import sys
 
+# The library module whose loop each experiment runs (for look/lookterm).
+LOOP_MODULE = {"experiments.gan": "jdl.gan", "experiments.text": "jdl.text",
+               "experiments.colorize": "jdl.colorize"}
+
 
 def main():
-  mode, n, flags = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+  experiment, mode, n, flags = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
   count = [0]
 
   def tick(signum):
@@ -55,10 +68,29 @@ def main():
       tick(signal.SIGKILL)
       return await finalize(self, *args, **kwargs)
     atomicity.AtomicRenameTemporaryPath.finalize = patched_finalize
+  elif mode in ("look", "lookterm"):
+    loop = importlib.import_module(LOOP_MODULE.get(experiment, "jdl.train"))
+    signum = signal.SIGKILL if mode == "look" else signal.SIGTERM
+    original = train.StopSignals
+
+    class Watched(original):
+      @property
+      def signum(self):
+        if sys._getframe(1).f_globals["__name__"] == loop.__name__:
+          tick(signum)
+        return self._signum
+
+      @signum.setter
+      def signum(self, value):
+        self._signum = value
+    # Every module that bound the class by name (`from jdl.train import StopSignals`).
+    for module in list(sys.modules.values()):
+      if getattr(module, "StopSignals", None) is original:
+        module.StopSignals = Watched
   else:
     raise SystemExit(f"unknown mode {mode}")
-  sys.argv = ["experiments/cifar.py", *flags]
-  runpy.run_module("experiments.cifar", run_name="__main__", alter_sys=True)
+  sys.argv = [experiment.replace(".", "/") + ".py", *flags]
+  runpy.run_module(experiment, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

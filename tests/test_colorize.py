@@ -88,3 +88,18 @@ def test_colorize_entrypoint_smoke(tmp_path):
   assert {"test_mse", "mean_colour_mse", "beats_mean_colour"} <= set(results)
   assert (tmp_path / "run" / "comparison.png").exists()
   assert "Total params" in result.stdout
+
+
+def test_nonfinite_steps_stop_or_are_skipped(tiny_shapes, tmp_path):
+  from jdl.errors import TrainingError
+  quiet = dict(progress=False, log=lambda *a: None)
+  # Adam at 1e30 moves every weight by ~1e30 in step 1; step 2's loss overflows.
+  with pytest.raises(TrainingError, match=r"non-finite (loss|gradients.*) at step 2 \(epoch 1\)"):
+    colorize.fit(tiny_config(tmp_path, learning_rate=1e30), tiny_shapes, **quiet)
+  assert not [s for s in os.listdir(tmp_path / "run" / "checkpoints") if s.isdigit()]
+  results = colorize.fit(tiny_config(tmp_path, learning_rate=1e30, nan_policy="skip", epochs=2,
+                                     workdir=str(tmp_path / "skip")), tiny_shapes, **quiet)
+  rows = [json.loads(l) for l in open(tmp_path / "skip" / "metrics.jsonl")]
+  # 4 steps per epoch; only step 1 was applied, every later one is skipped.
+  assert [r["train_skipped_steps"] for r in rows] == [3.0, 4.0]
+  assert np.isfinite(rows[0]["train_mse"]) and results["epochs_run"] == 2

@@ -242,7 +242,9 @@ def assert_all_changed(old, new):
 
 def assert_sane(history):
   for metrics in history:
-    assert set(metrics) == {'d_loss', 'g_loss', 'd_real', 'd_fake', 'd_grad_norm', 'g_grad_norm'}
+    assert set(metrics) == {'d_loss', 'g_loss', 'd_real', 'd_fake', 'd_grad_norm', 'g_grad_norm',
+                            'status'}
+    assert int(metrics['status']) == 0  # applied
     assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert 0 < metrics['d_real'] < 1 and 0 < metrics['d_fake'] < 1
 

@@ -143,3 +143,19 @@ def test_unwritable_workdirs_are_one_line_errors(tmp_path, tiny_shapes):
   with pytest.raises(ConfigError, match="is not writable"):
     colorize.fit(colorize.ColorizeConfig(width=8, batch_size=16, workdir=str(blocked / "run")),
                  tiny_shapes, progress=False, log=lambda *a: None)
+
+
+def test_nonfinite_steps_stop_or_are_skipped(tmp_path, tiny_shapes, classifier_workdir):
+  from jdl.errors import TrainingError
+  quiet = dict(progress=False, log=lambda *a: None)
+  # Adam at 1e30 moves D's weights by ~1e30 in step 1, so G's loss against the
+  # updated D overflows in the same step: step 1 is bad, and neither network changes.
+  bad = dict(learning_rate=1e30, classifier_workdir=classifier_workdir)
+  with pytest.raises(TrainingError, match=r"non-finite (loss|gradients.*) at step 1 \(epoch 1\)"):
+    gan.fit(config(tmp_path, **bad), tiny_shapes, **quiet)
+  assert not [s for s in os.listdir(tmp_path / "gan" / "checkpoints") if s.isdigit()]
+  results = gan.fit(config(tmp_path / "skip", nan_policy="skip", epochs=2, **bad), tiny_shapes, **quiet)
+  rows = [json.loads(l) for l in (tmp_path / "skip" / "gan" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["skipped_steps"] for r in rows] == [3.0, 3.0]  # 96 images, batch 32: 3 steps per epoch
+  # Nothing was applied: the generator is still the untrained one.
+  assert results["frechet_distance_by_epoch"][-1] == results["frechet_distance_initial"]

@@ -28,7 +28,8 @@ FLAGS = ["--dataset=shapes", "--model=cnn", "--num_train=400", "--num_test=100",
 
 
 def _run(args, driver=None):
-  command = [sys.executable, *(["tests/kill_driver.py", *driver] if driver else ["-m", "experiments.cifar"]), *args]
+  command = [sys.executable, *(["tests/kill_driver.py", "experiments.cifar", *driver] if driver
+                                else ["-m", "experiments.cifar"]), *args]
   env = {**os.environ, "PYTHONPATH": ROOT}
   return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 

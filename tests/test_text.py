@@ -243,6 +243,32 @@ def test_fit_beats_bigram_on_a_rhyme_and_resumes_exactly(tmp_path, monkeypatch):
   assert resumed["samples"] == full["samples"]
   rows = [json.loads(line) for line in open(os.path.join(config.workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [50, 100]
+  # The segment cut at step 70 still averages all 50 of its training losses.
+  reference = [json.loads(line) for line in open(os.path.join(tmp_path / "a" / "run", "metrics.jsonl"))]
+  assert [r["train_bpc"] for r in rows] == [r["train_bpc"] for r in reference]
+
+
+def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from jdl.errors import TrainingError
+  quiet = dict(progress=False, log=lambda *a: None)
+  # (The LSTM's bounded gates keep even a 1e30 learning rate finite, so the
+  # model is poisoned instead: one NaN weight in every leaf's first entry.)
+  create_state = text.create_state
+
+  def poisoned(*args):
+    state = create_state(*args)
+    nan_first = lambda x: x.reshape(-1).at[0].set(jnp.nan).reshape(x.shape)
+    return state.replace(params=jax.tree.map(nan_first, state.params))
+  monkeypatch.setattr(text, "create_state", poisoned)
+  with pytest.raises(TrainingError, match=r"non-finite loss at step 1;"):
+    text.fit(tiny_config(tmp_path / "stop"), **quiet)
+  assert not [s for s in os.listdir(tmp_path / "stop" / "run" / "checkpoints") if s.isdigit()]
+  text.fit(tiny_config(tmp_path / "skip", nan_policy="skip"), **quiet)
+  rows = [json.loads(line) for line in open(tmp_path / "skip" / "run" / "metrics.jsonl")]
+  assert [r["train_skipped_steps"] for r in rows] == [3, 3]  # 6 steps, evaluated every 3
+  assert [r["train_bpc"] for r in rows] == [0.0, 0.0]  # no good step to average
 
 
 def test_workdir_of_another_text_is_refused(tmp_path):
