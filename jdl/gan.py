@@ -138,8 +138,13 @@ def _apply_train(state: TrainState, params, batch_stats, *args):
   return out, updates.get('batch_stats', batch_stats)
 
 
-def gan_train_step(state: GANState, real_images, labels, rng, real_label: float = 1.0
-                   ) -> Tuple[GANState, Dict[str, jax.Array]]:
+def _split_logits(out):
+  """(real/fake logits (B,), class logits (B, K) or None) of a discriminator's output."""
+  return out if isinstance(out, tuple) else (out, None)
+
+
+def gan_train_step(state: GANState, real_images, labels, rng, real_label: float = 1.0,
+                   class_weight: float = 0.0) -> Tuple[GANState, Dict[str, jax.Array]]:
   """One GAN update: the discriminator, then the generator. Pure: jit it.
 
   One batch of z ~ N(0, 1) is drawn; G(z) is computed once, in train mode.
@@ -160,6 +165,11 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
     rng: key for z (e.g. fold_in(step_key, step)).
     real_label: D's target for real images; 0.9 is one-sided label smoothing
       (Salimans et al. 2016), which keeps D from becoming overconfident.
+    class_weight: for a discriminator with a class head (AC-GAN): D also
+      minimises class_weight * cross-entropy of its class logits on the real
+      images' labels, and G class_weight * cross-entropy of D's class logits
+      on its fakes against the labels they were made for. (Real images only
+      for D's term: classifying fakes would teach D nothing about the classes.)
   Returns:
     (new state, metrics): d_loss, g_loss, d_real = mean sigmoid(D(x)),
     d_fake = mean sigmoid(D(G(z))) before D's update, d_grad_norm, g_grad_norm,
@@ -174,10 +184,14 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
 
   # Discriminator: real -> 1, fake -> 0; G is held fixed.
   def d_loss_fn(params):
-    real_logits, stats = _apply_train(d, params, d.batch_stats, real_images, *extra)
-    fake_logits, stats = _apply_train(d, params, stats, jax.lax.stop_gradient(fake), *extra)
+    real_out, stats = _apply_train(d, params, d.batch_stats, real_images, *extra)
+    fake_out, stats = _apply_train(d, params, stats, jax.lax.stop_gradient(fake), *extra)
+    (real_logits, real_classes), (fake_logits, _) = _split_logits(real_out), _split_logits(fake_out)
     loss = (optax.sigmoid_binary_cross_entropy(real_logits, jnp.full_like(real_logits, real_label)).mean()
             + optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean())
+    if real_classes is not None:
+      loss = loss + class_weight * optax.softmax_cross_entropy_with_integer_labels(
+          real_classes, labels).mean()
     return loss, (real_logits, fake_logits, stats)
 
   (d_loss, (real_logits, fake_logits, d_stats)), d_grads = jax.value_and_grad(
@@ -186,8 +200,12 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
 
   # Generator: -log D(G(z)) against the new D, backpropagated through G's pass.
   def g_loss_fn(images):
-    logits, _ = _apply_train(d, d.params, d.batch_stats, images, *extra)
-    return optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)).mean()
+    out, _ = _apply_train(d, d.params, d.batch_stats, images, *extra)
+    logits, classes = _split_logits(out)
+    loss = optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)).mean()
+    if classes is not None:
+      loss = loss + class_weight * optax.softmax_cross_entropy_with_integer_labels(classes, labels).mean()
+    return loss
 
   g_loss, image_grads = jax.value_and_grad(g_loss_fn)(fake)
   (g_grads,) = g_vjp(image_grads)
@@ -333,6 +351,9 @@ class GANConfig:
   download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
   num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
   conditional: bool = option(False, "condition both networks on the class label")
+  class_loss_weight: float = option(1.0, "conditional only: weight of the AC-GAN auxiliary class loss "
+                                         "(D's extra head classifies real images; G is rewarded when it "
+                                         "classifies a fake as the class asked for); 0: label input only")
   latent_dim: int = option(100, "width of the generator's input noise z ~ N(0, 1)")
   g_width: int = option(128, "generator: channels of the first feature map, halved per up-sampling")
   d_width: int = option(32, "discriminator: channels of the first convolution, doubled per down-sampling")
@@ -360,6 +381,8 @@ def validate_config(config: GANConfig) -> None:
   check(math.isfinite(config.learning_rate) and config.learning_rate > 0,
         f"learning_rate must be > 0, got {config.learning_rate}")
   check(0.0 <= config.beta1 < 1.0, f"beta1 must be in [0, 1), got {config.beta1}")
+  check(math.isfinite(config.class_loss_weight) and config.class_loss_weight >= 0,
+        f"class_loss_weight must be >= 0, got {config.class_loss_weight}")
   check(0.5 < config.real_label <= 1.0, f"real_label must be in (0.5, 1], got {config.real_label}")
   for name in ("latent_dim", "g_width", "d_width", "batch_size", "keep_checkpoints",
                "classifier_epochs"):
@@ -487,7 +510,8 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(labels)} images)")
   num_classes = dataset.num_classes if config.conditional else 0
   generator = Generator(tuple(dataset.input_shape), config.g_width, num_classes=num_classes)
-  discriminator = Discriminator(config.d_width, num_classes=num_classes)
+  discriminator = Discriminator(config.d_width, num_classes=num_classes,
+                                class_head=bool(num_classes and config.class_loss_weight > 0))
   workdir = config.workdir or f"runs/gan-{config.dataset.replace('/', '_')}-seed{config.seed}"
   make_writable_dir(os.path.join(workdir, "samples"))
   config_path = os.path.join(workdir, "config.json")
@@ -535,7 +559,8 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
     batch_images, batch_labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                                      config.batch_size)
     state, metrics = gan_train_step(state, to_unit_range(batch_images), batch_labels,
-                                    jax.random.fold_in(step_key, state.step), config.real_label)
+                                    jax.random.fold_in(step_key, state.step), config.real_label,
+                                    config.class_loss_weight)
     status = metrics.pop("status")
     bad = status > 0  # a skipped step's metrics stay out of the sums; it is counted
     sums = {k: sums[k] + (bad.astype(jnp.float32) if k == "skipped" else jnp.where(bad, 0.0, metrics[k]))

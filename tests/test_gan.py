@@ -397,3 +397,35 @@ def test_frechet_distance():
   assert gan.frechet_distance(a, b) == pytest.approx(reference_frechet(a, b), rel=1e-8)
   with pytest.raises(ConfigError):
     gan.frechet_distance(a, b[:, :3])
+
+
+def test_acgan_class_head_and_its_loss_terms(shapes_batch):
+  """The class head's shapes and parameters, and its loss terms against a by-hand cross-entropy."""
+  images, labels, num_classes = shapes_batch
+  images = small_images(images).mean(-1, keepdims=True)  # (8, 16, 16, 1)
+  plain = Discriminator(base_width=8, num_classes=num_classes)
+  headed = Discriminator(base_width=8, num_classes=num_classes, class_head=True)
+  (logits, class_logits), variables = init_shapes(headed, images, labels)
+  assert logits.shape == (8,) and class_logits.shape == (8, num_classes)
+  plain_params = count_params(init_shapes(plain, images, labels)[1]['params'])
+  features = 4 * 4 * 16  # 16 -> 8x8x8 -> 4x4x16 (stops at side 4), flattened
+  assert count_params(variables['params']) == plain_params + features * num_classes + num_classes
+  with pytest.raises(ConfigError, match='class_head needs num_classes'):
+    init_shapes(Discriminator(base_width=8, class_head=True), images)
+
+  g = Generator(image_shape=(16, 16, 1), base_width=16, num_classes=num_classes)
+  state = gan.create_gan_state(g, headed, (16, 16, 1), Z, key())
+  step = jax.jit(gan.gan_train_step, static_argnames=('real_label', 'class_weight'))
+  _, without = step(state, images, labels, key(1), class_weight=0.0)
+  new, with_class = step(state, images, labels, key(1), class_weight=0.5)
+  # D's loss gains 0.5 * the cross-entropy of its class logits on the real images
+  # (train mode, before its update), computed here by hand from a log-softmax.
+  out, _ = state.d.apply_fn({'params': state.d.params, 'batch_stats': state.d.batch_stats}, images,
+                            labels, train=True, mutable=['batch_stats'])
+  class_logits = np.asarray(out[1], np.float64)
+  log_p = class_logits - np.log(np.exp(class_logits).sum(-1, keepdims=True))
+  cross_entropy = -log_p[np.arange(8), np.asarray(labels)].mean()
+  np.testing.assert_allclose(with_class['d_loss'] - without['d_loss'], 0.5 * cross_entropy, rtol=1e-4)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.d.params['class_head'],
+                       new.d.params['class_head'])
+  assert all(jax.tree.leaves(moved))

@@ -250,17 +250,21 @@ class Discriminator(nn.Module):
     base_width: channels of the first conv, doubled per conv (DCGAN: 64 or 128).
     num_classes: 0 for unconditional; else one-hot label channels, broadcast
       over the image, are concatenated to the input.
+    class_head: also return class logits (B, num_classes) from a second Dense
+      on the same features (AC-GAN's auxiliary classifier, Odena et al. 2017).
     negative_slope: of the LeakyReLU.
     dtype: compute dtype; parameters stay float32, logits come back float32.
   """
   base_width: int = 64
   num_classes: int = 0
+  class_head: bool = False
   negative_slope: float = 0.2
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, labels: Optional[jax.Array] = None, *, train: bool = False):
-    """Returns logits (B,) float32: sigmoid(logit) is the probability 'real'.
+    """Returns logits (B,) float32: sigmoid(logit) is the probability 'real';
+    with class_head, (logits, class logits (B, num_classes) float32).
 
     Arguments:
       images: (B, H, W, C), real ones scaled to [-1, 1] like the generator's.
@@ -268,6 +272,8 @@ class Discriminator(nn.Module):
       train: BatchNorm uses batch statistics (apply with mutable=['batch_stats']).
     """
     x = images.astype(self.dtype)
+    if self.class_head and not self.num_classes:
+      raise ConfigError('a class_head needs num_classes > 0')
     if self.num_classes:
       if labels is None:
         raise ConfigError(f'conditional discriminator (num_classes={self.num_classes}) needs labels')
@@ -287,4 +293,9 @@ class Discriminator(nn.Module):
       side, i = -(-side // 2), i + 1
     x = x.reshape(x.shape[0], -1)  # (B, h * w * width)
     logits = nn.Dense(1, kernel_init=KERNEL_INIT, dtype=self.dtype, name='head')(x)  # (B, 1)
-    return logits[:, 0].astype(jnp.float32)
+    logits = logits[:, 0].astype(jnp.float32)
+    if not self.class_head:
+      return logits
+    class_logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, dtype=self.dtype,
+                            name='class_head')(x)  # (B, K)
+    return logits, class_logits.astype(jnp.float32)
