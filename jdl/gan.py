@@ -351,7 +351,7 @@ class GANConfig:
   download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
   num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
   conditional: bool = option(False, "condition both networks on the class label")
-  class_loss_weight: float = option(1.0, "conditional only: weight of the AC-GAN auxiliary class loss "
+  class_loss_weight: float = option(0.0, "conditional only: weight of an AC-GAN auxiliary class loss "
                                          "(D's extra head classifies real images; G is rewarded when it "
                                          "classifies a fake as the class asked for); 0: label input only")
   latent_dim: int = option(100, "width of the generator's input noise z ~ N(0, 1)")
