@@ -44,7 +44,7 @@ LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 @dataclasses.dataclass
 class ColorizeConfig:
   """Everything that defines a colorization run."""
-  dataset: str = option("shapes", "shapes (built in, offline), cifar10 or another TFDS RGB image dataset")
+  dataset: str = option("shapes", "shapes or shapes_plain (built in, offline), cifar10 or another TFDS RGB image dataset")
   data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
   download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
   num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")

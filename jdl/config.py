@@ -36,7 +36,7 @@ def make_writable_dir(workdir: str) -> None:
 class TrainConfig:
   """Everything that defines a classification training run."""
   # --- data ---
-  dataset: str = option("cifar10", "shapes (built in, offline) or a TFDS image-classification dataset")
+  dataset: str = option("cifar10", "shapes, shapes_plain (built in, offline) or a TFDS image-classification dataset")
   data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
   num_train: int = option(0, "training examples: shapes generates this many, TFDS keeps the first N (0: default/all)")
   num_test: int = option(0, "test examples, as num_train (0: default/all)")

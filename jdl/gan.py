@@ -346,7 +346,7 @@ def frechet_distance(features_a, features_b) -> float:
 @dataclasses.dataclass
 class GANConfig:
   """Everything that defines a DCGAN run."""
-  dataset: str = option("shapes", "shapes (built in, offline), mnist, fashion_mnist, cifar10 or another TFDS image dataset")
+  dataset: str = option("shapes", "shapes or shapes_plain (built in, offline), mnist, fashion_mnist, cifar10 or another TFDS image dataset")
   data_dir: Optional[str] = option(None, "where TFDS data is looked for (TFDS default if unset)")
   download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
   num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")

@@ -79,3 +79,18 @@ def test_load_dataset_and_grid(tmp_path):
   path = shapes.save_grid(*dataset.train, str(tmp_path / "grid.png"))
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plain_variant_has_two_flat_colours_and_the_same_labels():
+  images, labels = shapes.generate(200, seed=0, plain=True)
+  np.testing.assert_array_equal(labels, shapes.generate(200, seed=0)[1])
+  for image in images:
+    pixels = image.reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    top_two = np.sort(counts)[-2:].sum()
+    # Background + shape; the rest are the 1-pixel anti-aliased edge.
+    assert top_two / len(pixels) > 0.8, (len(colours), top_two)
+    assert (pixels == image[0, 0]).all(axis=1).mean() > 0.3  # the corner is background
+  dataset = load_dataset("shapes_plain", num_train=20, num_test=10, seed=0)
+  assert dataset.name == "shapes_plain" and dataset.num_classes == 10
+  np.testing.assert_array_equal(dataset.train[0], shapes.load(20, 10, seed=0, plain=True)["train"][0])

@@ -49,7 +49,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   """Loads a dataset by name into host memory.
 
   Arguments:
-    name: 'shapes' (built in, offline), 'mnist1d' (sequences, made locally)
+    name: 'shapes' or its easy variant 'shapes_plain' (built in, offline), 'mnist1d' (sequences, made locally)
       or a TFDS image-classification name (cifar10, cifar100, mnist, ...).
     data_dir: where TFDS looks for prepared data (TFDS's default when None).
     num_train: for `shapes`, how many training images to generate; for TFDS,
@@ -58,10 +58,11 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
     seed: seed of the `shapes` generator (TFDS data does not depend on it).
     download: allow TFDS to download and prepare data that is not there yet.
   """
-  if name == "shapes":
+  if name in ("shapes", "shapes_plain"):
     from jdl.data import shapes
-    splits = shapes.load(num_train=num_train or 10_000, num_test=num_test or 2_000, seed=seed)
-    return Dataset("shapes", splits["train"], splits["test"], len(shapes.CLASS_NAMES),
+    splits = shapes.load(num_train=num_train or 10_000, num_test=num_test or 2_000, seed=seed,
+                         plain=name == "shapes_plain")
+    return Dataset(name, splits["train"], splits["test"], len(shapes.CLASS_NAMES),
                    tuple(shapes.CLASS_NAMES))
   if name == "mnist1d":
     from jdl.data import mnist1d

@@ -17,6 +17,10 @@ core) and deterministic given the seed.
   images, labels = generate(1000, seed=0)        # uint8 (1000, 32, 32, 3), int32
   splits = load(num_train=10_000, num_test=2_000, seed=0)
   save_grid(*splits['train'], '/tmp/shapes.png')  # or: python -m jdl.data.shapes
+
+`shapes_plain` (`plain=True`) is the easy variant: flat colours only, no
+distractors or noise; an offline stand-in for MNIST when a small GAN must
+learn to draw the class.
 """
 import os
 import sys
@@ -175,8 +179,11 @@ def _composite(image, alpha, colour, scratch):
   np.add(image, scratch, out=image)
 
 
-def _render(rng, labels, size):
-  """Images float32 (n, 3, size, size), about [0, 1] (unclipped), for int labels (n,)."""
+def _render(rng, labels, size, plain=False):
+  """Images float32 (n, 3, size, size), about [0, 1] (unclipped), for int labels (n,).
+
+  plain: flat background and shape colours, no distractors and no noise.
+  """
   n = len(labels)
   coords = np.arange(size, dtype=np.float32) + 0.5  # pixel centres, in pixels
   px, py = coords[None, None, :], coords[None, :, None]  # broadcast to (m, H, W)
@@ -185,11 +192,14 @@ def _render(rng, labels, size):
 
   # Background: flat colour + linear gradient + low-frequency texture, in one upsampling.
   fg, bg = _colour_pairs(rng, n)
-  image = _smooth_field(_colour_field(rng, bg, GRADIENT_AMPLITUDE, TEXTURE_AMPLITUDE), size)
+  if plain:
+    image = np.broadcast_to(bg[:, :, None, None], (n, 3, size, size)).copy()
+  else:
+    image = _smooth_field(_colour_field(rng, bg, GRADIENT_AMPLITUDE, TEXTURE_AMPLITUDE), size)
 
   # Distractors behind the shape: strokes of random length (0 = blob), colour and angle.
   # Slot k is drawn only in the images that have more than k distractors.
-  count = rng.integers(0, NUM_DISTRACTORS + 1, n)
+  count = np.zeros(n, int) if plain else rng.integers(0, NUM_DISTRACTORS + 1, n)
   for k in range(NUM_DISTRACTORS):
     idx = np.flatnonzero(count > k)
     m = len(idx)
@@ -216,8 +226,13 @@ def _render(rng, labels, size):
     dx, dy = px - cx[idx][:, None, None], py - cy[idx][:, None, None]  # (m, H, W) pixels
     dist = sdf((cos * dx + sin * dy) / r, (cos * dy - sin * dx) / r)
     alpha[idx, 0] = np.clip(0.5 - dist * r, 0, 1)  # distance in pixels -> coverage
-  shape = _smooth_field(_colour_field(rng, fg, 0, FG_TEXTURE_AMPLITUDE), size)
+  if plain:
+    shape = fg[:, :, None, None]
+  else:
+    shape = _smooth_field(_colour_field(rng, fg, 0, FG_TEXTURE_AMPLITUDE), size)
   _composite(image, alpha, shape, scratch)
+  if plain:
+    return image
 
   # Pixel noise: uniform with std NOISE_STD (uniform bytes are ~10x cheaper than normals).
   noise = np.frombuffer(rng.bytes(image.size), np.uint8).reshape(image.shape)
@@ -228,7 +243,7 @@ def _render(rng, labels, size):
 
 
 def generate(num_examples: int, seed: Union[int, np.random.SeedSequence],
-             image_size: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+             image_size: int = 32, plain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
   """Generates `num_examples` images with balanced classes.
 
   Labels are `i % 10` shuffled by the seed, so every class has
@@ -239,6 +254,9 @@ def generate(num_examples: int, seed: Union[int, np.random.SeedSequence],
     num_examples: how many images to make.
     seed: an int or a `np.random.SeedSequence` (as `load` uses for its splits).
     image_size: side of the square images in pixels; shape sizes scale with it.
+    plain: the easy variant (`shapes_plain`): one flat colour for the
+      background and one for the shape; no gradient, texture, distractors or
+      noise. Same classes, poses and colour pairs as the full set otherwise.
   Returns:
     images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
   """
@@ -246,7 +264,7 @@ def generate(num_examples: int, seed: Union[int, np.random.SeedSequence],
   labels = rng.permutation(np.arange(num_examples) % len(CLASS_NAMES)).astype(np.int32)
   images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
   for start in range(0, num_examples, _CHUNK):
-    chunk = _render(rng, labels[start:start + _CHUNK], image_size)
+    chunk = _render(rng, labels[start:start + _CHUNK], image_size, plain)
     chunk *= 255
     chunk += 0.5  # so that truncation to uint8 rounds to nearest
     np.clip(chunk, 0, 255, out=chunk)
@@ -255,7 +273,7 @@ def generate(num_examples: int, seed: Union[int, np.random.SeedSequence],
 
 
 def load(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
-         image_size: int = 32) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+         image_size: int = 32, plain: bool = False) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """The `shapes` train and test splits.
 
   The splits come from independent child streams of `seed`, so changing
@@ -266,12 +284,13 @@ def load(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
     num_test: number of test images.
     seed: the dataset seed.
     image_size: side of the square images in pixels.
+    plain: the easy variant, as in `generate`.
   Returns:
     {'train': (images, labels), 'test': (images, labels)} as `generate` returns.
   """
   train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
-  return {"train": generate(num_train, train_seed, image_size),
-          "test": generate(num_test, test_seed, image_size)}
+  return {"train": generate(num_train, train_seed, image_size, plain),
+          "test": generate(num_test, test_seed, image_size, plain)}
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: str,
@@ -312,11 +331,12 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: str,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  """`python -m jdl.data.shapes [PATH] [SEED]`: writes a grid of examples to look at."""
+  """`python -m jdl.data.shapes [PATH] [SEED] [plain]`: writes a grid of examples to look at."""
   argv = sys.argv[1:] if argv is None else argv
   path = argv[0] if argv else "shapes_grid.png"
   seed = int(argv[1]) if len(argv) > 1 else 0
-  images, labels = generate(60, seed)
+  plain = len(argv) > 2 and argv[2] == "plain"
+  images, labels = generate(60, seed, plain=plain)
   print(save_grid(images, labels, path, rows=6))
 
 

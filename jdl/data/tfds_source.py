@@ -48,7 +48,7 @@ def _builder(name: str, data_dir: str,
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    builtin = "" if kind.startswith("text") else "'shapes' (built in, offline) or "
+    builtin = "" if kind.startswith("text") else "'shapes', 'shapes_plain' (built in, offline) or "
     raise DataError(f"unknown dataset {name!r}: use {builtin}a TFDS {kind}") from None
 
 
