@@ -26,3 +26,25 @@ def test_overlapping_and_padded_pools_use_reference():
   expected = nn.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf),
                          (3, 3), (2, 2), "VALID")
   np.testing.assert_array_equal(pool.apply({}, x), expected)
+
+
+@pytest.mark.parametrize("shape,features,kernel,strides,padding", [
+    ((2, 9, 9, 3), 5, 2, 1, "SAME"),       # the notes' cnn: even kernel, SAME pads (0, 1)
+    ((2, 8, 8, 4), 6, 3, 1, "VALID"),
+    ((2, 9, 8, 3), 4, 4, 2, "SAME"),       # a DCGAN discriminator conv
+    ((2, 7, 7, 2), 3, (3, 2), (2, 1), ((1, 2), (0, 1))),
+    ((2, 8, 8, 40), 6, 2, 1, "SAME"),      # depth 160 > 128: XLA's convolution
+])
+def test_conv_matches_flax_conv(shape, features, kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  fast = layers.Conv(features, kernel, strides, padding)
+  reference = nn.Conv(features, layers._pair(kernel), layers._pair(strides), padding)
+  params = reference.init(jax.random.key(1), x)
+  # Same parameter tree and initialisation for the same key.
+  jax.tree.map(np.testing.assert_array_equal, fast.init(jax.random.key(1), x), params)
+  out = reference.apply(params, x)
+  np.testing.assert_allclose(fast.apply(params, x), out, rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(jax.random.key(2), out.shape)
+  grad = lambda m: jax.grad(lambda p, x: (m.apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               grad(fast), grad(reference))

@@ -57,7 +57,7 @@ class CNN(nn.Module):
     k = self.kernel_size
     features = {}
     for i, width in enumerate(self.filters):
-      x = nn.Conv(width, (k, k), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = layers.Conv(width, (k, k), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
       x = act(x)
       x = layers.MaxPool(2, name=f'pool{i + 1}')(x)  # (B, H/2, W/2, width)
       features[f'block{i + 1}'] = x
@@ -113,12 +113,12 @@ class LeNet5(nn.Module):
     act = activations.get(self.activation)
     pool = layers.MaxPool if self.pool == 'max' else layers.AvgPool
     features = {}
-    x = act(nn.Conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='conv1')(x))
+    x = act(layers.Conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='conv1')(x))
     x = pool(2, name='pool1')(x)  # 32x32 -> 28x28 -> (B, 14, 14, 6)
     features['block1'] = x
     if self.cut_at == 'block1':
       return None, features
-    x = act(nn.Conv(16, (5, 5), padding='VALID', dtype=self.dtype, name='conv2')(x))
+    x = act(layers.Conv(16, (5, 5), padding='VALID', dtype=self.dtype, name='conv2')(x))
     x = pool(2, name='pool2')(x)  # 14x14 -> 10x10 -> (B, 5, 5, 16)
     features['block2'] = x
     if self.cut_at == 'block2':

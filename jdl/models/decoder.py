@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from jdl import activations
 from jdl.errors import ConfigError
-from jdl.models.layers import ConvTranspose2x
+from jdl.models.layers import Conv, ConvTranspose2x
 
 KERNEL_INIT = nn.initializers.normal(0.02)  # DCGAN: all weights from N(0, 0.02)
 MIN_BASE = 3  # smallest side of the decoder's first feature map
@@ -284,9 +284,9 @@ class Discriminator(nn.Module):
       raise ConfigError('unconditional discriminator (num_classes=0) takes no labels')
     side, i = max(x.shape[1:3]), 0
     while i == 0 or side > 4:
-      x = nn.Conv(self.base_width * 2 ** i, (4, 4), strides=(2, 2), padding='SAME',
-                  use_bias=i == 0, kernel_init=KERNEL_INIT, dtype=self.dtype,
-                  name=f'conv{i + 1}')(x)  # (B, ceil(H / 2**(i+1)), ..., base_width * 2**i)
+      x = Conv(self.base_width * 2 ** i, (4, 4), strides=(2, 2), padding='SAME',
+               use_bias=i == 0, kernel_init=KERNEL_INIT, dtype=self.dtype,
+               name=f'conv{i + 1}')(x)  # (B, ceil(H / 2**(i+1)), ..., base_width * 2**i)
       if i > 0:
         x = _batch_norm(train, self.dtype, f'bn{i + 1}')(x)
       x = nn.leaky_relu(x, self.negative_slope)

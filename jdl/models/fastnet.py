@@ -88,8 +88,8 @@ class FastNet(nn.Module):
     """
     act = activations.get(self.activation)
     features = {}
-    x = nn.Conv(self.whiten_width, (2, 2), padding='VALID', dtype=self.dtype,
-                name='whiten')(x)  # (B, H-1, W-1, whiten_width)
+    x = layers.Conv(self.whiten_width, (2, 2), padding='VALID', dtype=self.dtype,
+                    name='whiten')(x)  # (B, H-1, W-1, whiten_width)
     x = act(x)
     features['stem'] = x
     if self.cut_at == 'stem':

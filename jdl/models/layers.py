@@ -218,3 +218,64 @@ class ConvTranspose2x(nn.Module):
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)[None, None, None, :]
     return y
+
+
+def conv_patches(x, kernel, strides: Tuple[int, int] = (1, 1), padding: Padding = 'SAME'):
+  """`lax.conv_general_dilated` (NHWC, HWIO) as patch extraction and one matmul:
+  (B, H, W, Cin) -> (B, H', W', Cout).
+
+  The kh * kw shifted (and strided) views of the padded input are stacked on the
+  channel axis in (dy, dx, cin) order, the row-major order of an HWIO kernel,
+  so the kernel reshaped to (kh * kw * Cin, Cout) multiplies them directly
+  (im2col). Same values up to float rounding. Its gradient is slices and
+  matmuls, which XLA:CPU computes faster than the convolution-backward kernels
+  when kh * kw * Cin is small (the notes' cnn: fwd+bwd of its 2x2 convs over 3
+  and 32 channels 24.6 -> 10.7 and 24.5 -> 11.1 ms at batch 128, 2-core CPU;
+  BUILD_NOTES.md); for wide inputs the (B, H', W', kh * kw * Cin) patches cost
+  more than they save.
+  """
+  kh, kw, cin, cout = kernel.shape
+  sh, sw = strides
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding) \
+      if isinstance(padding, str) else [tuple(p) for p in padding]
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  views = [x[:, dy:dy + (out_h - 1) * sh + 1:sh, dx:dx + (out_w - 1) * sw + 1:sw, :]
+           for dy in range(kh) for dx in range(kw)]  # each (B, H', W', Cin)
+  patches = jnp.concatenate(views, axis=-1)  # (B, H', W', kh * kw * Cin)
+  return patches @ kernel.reshape(kh * kw * cin, cout)
+
+
+class Conv(nn.Module):
+  """`nn.Conv` with the same parameters ('kernel' (kh, kw, Cin, features),
+  'bias'), initialisation and outputs; computed by `conv_patches` when the
+  patch depth kh * kw * Cin is at most `max_patch_depth` and the backend is
+  the CPU, else by XLA's convolution (GPU and TPU convolutions are fast as
+  they are). No dilation or feature groups.
+  """
+  features: int
+  kernel_size: Size = 3
+  strides: Size = 1
+  padding: Padding = 'SAME'
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Any = jnp.float32
+  # Measured crossover on 2-core CPU (fwd+bwd): depth 12-128 faster as patches,
+  # 512 (4x4 over 32 channels) slower. BUILD_NOTES.md, issue 6.
+  max_patch_depth: int = 128
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = _pair(self.kernel_size)
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if jax.default_backend() == 'cpu' and kh * kw * x.shape[-1] <= self.max_patch_depth:
+      y = conv_patches(x, kernel, _pair(self.strides), _padding(self.padding))
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, _pair(self.strides), _padding(self.padding),
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)[None, None, None, :]
+    return y

@@ -33,9 +33,9 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 def _conv(features, kernel, strides, dtype, name):
   """Bias-free conv with torch padding k // 2 on every side."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=conv_init, name=name)
+  return layers.Conv(features, kernel, strides=strides,
+                     padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                     kernel_init=conv_init, name=name)
 
 
 def _bn(train, dtype, name):

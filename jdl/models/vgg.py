@@ -76,8 +76,8 @@ class VGG(nn.Module):
           return None, features
         continue
       conv_i += 1
-      x = nn.Conv(item * self.width // 64, (3, 3), padding='SAME', dtype=self.dtype,
-                  name=f'conv{conv_i}')(x)
+      x = layers.Conv(item * self.width // 64, (3, 3), padding='SAME', dtype=self.dtype,
+                      name=f'conv{conv_i}')(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name=f'bn{conv_i}')(x)
