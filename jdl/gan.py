@@ -351,6 +351,9 @@ class GANConfig:
   download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
   num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
   conditional: bool = option(False, "condition both networks on the class label")
+  d_conditioning: str = option("input", "conditional only: how D sees the label: input (one-hot "
+                                         "channels on the image) or projection (label embedding dotted "
+                                         "with D's last features, Miyato & Koyama 2018)")
   class_loss_weight: float = option(0.0, "conditional only: weight of an AC-GAN auxiliary class loss "
                                          "(D's extra head classifies real images; G is rewarded when it "
                                          "classifies a fake as the class asked for); 0: label input only")
@@ -383,6 +386,8 @@ def validate_config(config: GANConfig) -> None:
   check(0.0 <= config.beta1 < 1.0, f"beta1 must be in [0, 1), got {config.beta1}")
   check(math.isfinite(config.class_loss_weight) and config.class_loss_weight >= 0,
         f"class_loss_weight must be >= 0, got {config.class_loss_weight}")
+  check(config.d_conditioning in ("input", "projection"),
+        f"d_conditioning must be input or projection, got {config.d_conditioning!r}")
   check(0.5 < config.real_label <= 1.0, f"real_label must be in (0.5, 1], got {config.real_label}")
   for name in ("latent_dim", "g_width", "d_width", "batch_size", "keep_checkpoints",
                "classifier_epochs"):
@@ -511,6 +516,7 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
   num_classes = dataset.num_classes if config.conditional else 0
   generator = Generator(tuple(dataset.input_shape), config.g_width, num_classes=num_classes)
   discriminator = Discriminator(config.d_width, num_classes=num_classes,
+                                conditioning=config.d_conditioning,
                                 class_head=bool(num_classes and config.class_loss_weight > 0))
   workdir = config.workdir or f"runs/gan-{config.dataset.replace('/', '_')}-seed{config.seed}"
   make_writable_dir(os.path.join(workdir, "samples"))
@@ -518,7 +524,7 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
   if os.path.exists(config_path):
     with open(config_path) as f:
       previous = json.load(f)
-    for key in ("dataset", "conditional", "g_width", "d_width", "latent_dim"):
+    for key in ("dataset", "conditional", "d_conditioning", "g_width", "d_width", "latent_dim"):
       if previous.get(key) != getattr(config, key):
         raise ConfigError(f"workdir {workdir} holds a GAN run with {key}={previous.get(key)!r}, "
                           f"not {getattr(config, key)!r}; use another --workdir")

@@ -450,3 +450,29 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(kernel_size, height, width
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+
+def test_projection_discriminator(shapes_batch):
+  """Projection conditioning: no label channels, one embedding row per class, and
+  the logit gains exactly <embed[label], features>."""
+  images, labels, num_classes = shapes_batch
+  images = small_images(images).mean(-1, keepdims=True)  # (8, 16, 16, 1)
+  unconditional = Discriminator(base_width=8)
+  projected = Discriminator(base_width=8, num_classes=num_classes, conditioning='projection')
+  variables = projected.init(key(), images, labels)
+  params = dict(variables['params'])
+  embed = params.pop('label_embed')['embedding']
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, unconditional.init(key(), images)['params'])
+  assert embed.shape == (num_classes, 4 * 4 * 16)  # 16 -> 8x8x8 -> 4x4x16, flattened
+  bare = unconditional.apply({'params': params, 'batch_stats': variables['batch_stats']}, images)
+  # By hand: with every row zero but embed[c] = 2 * head kernel, <embed[c], features>
+  # is 2 * (head(features) - head bias), and 0 for the other classes.
+  c = int(labels[0])
+  rows = jnp.zeros_like(embed).at[c].set(2 * params['head']['kernel'][:, 0])
+  out = projected.apply({'params': {**params, 'label_embed': {'embedding': rows}},
+                         'batch_stats': variables['batch_stats']}, images, labels)
+  expected = jnp.where(labels == c, bare + 2 * (bare - params['head']['bias'][0]), bare)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match='conditioning must be input or projection'):
+    Discriminator(base_width=8, num_classes=3, conditioning='both').init(key(), images, labels % 3)

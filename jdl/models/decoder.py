@@ -248,8 +248,13 @@ class Discriminator(nn.Module):
 
   Arguments:
     base_width: channels of the first conv, doubled per conv (DCGAN: 64 or 128).
-    num_classes: 0 for unconditional; else one-hot label channels, broadcast
-      over the image, are concatenated to the input.
+    num_classes: 0 for unconditional; else the label enters as `conditioning`
+      says.
+    conditioning: 'input': one-hot label channels, broadcast over the image,
+      are concatenated to the input (the cGAN of Mirza & Osindero 2014).
+      'projection': the logit gains <embed(label), features> on the flattened
+      last features (Miyato & Koyama 2018), so the label meets what D has
+      recognised instead of raw pixels.
     class_head: also return class logits (B, num_classes) from a second Dense
       on the same features (AC-GAN's auxiliary classifier, Odena et al. 2017).
     negative_slope: of the LeakyReLU.
@@ -257,6 +262,7 @@ class Discriminator(nn.Module):
   """
   base_width: int = 64
   num_classes: int = 0
+  conditioning: str = 'input'
   class_head: bool = False
   negative_slope: float = 0.2
   dtype: Any = jnp.float32
@@ -274,13 +280,15 @@ class Discriminator(nn.Module):
     x = images.astype(self.dtype)
     if self.class_head and not self.num_classes:
       raise ConfigError('a class_head needs num_classes > 0')
-    if self.num_classes:
-      if labels is None:
-        raise ConfigError(f'conditional discriminator (num_classes={self.num_classes}) needs labels')
+    if self.conditioning not in ('input', 'projection'):
+      raise ConfigError(f"conditioning must be input or projection, got {self.conditioning!r}")
+    if self.num_classes and labels is None:
+      raise ConfigError(f'conditional discriminator (num_classes={self.num_classes}) needs labels')
+    if self.num_classes and self.conditioning == 'input':
       onehot = jax.nn.one_hot(labels, self.num_classes, dtype=self.dtype)[:, None, None, :]
       x = jnp.concatenate([x, jnp.broadcast_to(onehot, x.shape[:3] + (self.num_classes,))],
                           axis=-1)  # (B, H, W, C + K)
-    elif labels is not None:
+    elif not self.num_classes and labels is not None:
       raise ConfigError('unconditional discriminator (num_classes=0) takes no labels')
     side, i = max(x.shape[1:3]), 0
     while i == 0 or side > 4:
@@ -294,6 +302,10 @@ class Discriminator(nn.Module):
     x = x.reshape(x.shape[0], -1)  # (B, h * w * width)
     logits = nn.Dense(1, kernel_init=KERNEL_INIT, dtype=self.dtype, name='head')(x)  # (B, 1)
     logits = logits[:, 0].astype(jnp.float32)
+    if self.num_classes and self.conditioning == 'projection':
+      embedding = nn.Embed(self.num_classes, x.shape[-1], embedding_init=KERNEL_INIT,
+                           name='label_embed')(labels)  # (B, h * w * width) float32
+      logits = logits + jnp.sum(embedding * x.astype(jnp.float32), axis=-1)
     if not self.class_head:
       return logits
     class_logits = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, dtype=self.dtype,
