@@ -20,6 +20,20 @@ def test_tiled_max_pool_matches_reference(shape, window):
   np.testing.assert_array_equal(grad(fast), grad(reference))
 
 
+@pytest.mark.parametrize("shape,window", [((3, 8, 8, 4), (2, 2)), ((2, 9, 7, 3), (3, 2))])
+def test_tiled_max_pool_gradient_goes_to_the_first_tied_maximum(shape, window):
+  """Ties (small integers, and the zeros after a ReLU) get nn.max_pool's gradient exactly."""
+  x = jnp.round(jax.random.normal(jax.random.key(0), shape))  # many tied values
+  reference = lambda x: nn.max_pool(jax.nn.relu(x), window, window, "VALID")
+  fast = lambda x: layers.MaxPool(window).apply({}, jax.nn.relu(x))
+  weights = jax.random.normal(jax.random.key(1), reference(x).shape)
+  grad = lambda f: jax.grad(lambda x: (f(x) * weights).sum())(x)
+  np.testing.assert_array_equal(grad(fast), grad(reference))
+  ties = jax.grad(lambda x: (layers.max_pool_tiled(x, window) * weights).sum())(jnp.ones(shape))
+  assert ties.sum() == pytest.approx(float(weights.sum()), rel=1e-5)  # each window once
+  assert int((ties != 0).sum()) == weights.size  # one element per window
+
+
 def test_overlapping_and_padded_pools_use_reference():
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
   pool = layers.MaxPool(3, strides=2, padding=((1, 1), (1, 1)))

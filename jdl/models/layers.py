@@ -4,6 +4,7 @@
 makes `jdl.summary.summarize` list them (with their output shapes) the way Keras
 lists MaxPooling2D or Flatten. All layers take NHWC inputs.
 """
+import functools
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -29,21 +30,48 @@ def _padding(padding: Padding):
   return tuple(tuple(p) for p in padding)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool_tiled(x, window: Tuple[int, int]):
   """Non-overlapping max pooling as a reshape and a max: (B, H, W, C) -> (B, H/h, W/w, C).
 
   Same outputs as `nn.max_pool(x, window, window, 'VALID')` (trailing rows and
-  columns that fill no window are dropped, as VALID does). Its gradient is the
-  one of `jnp.max`, which XLA:CPU computes several times faster than the
-  select-and-scatter behind `nn.max_pool`'s gradient (50.6 -> 9.3 ms for
-  fwd+bwd of a (128, 32, 32, 16) input, 2-core CPU; BUILD_NOTES.md). Where a
-  window holds tied maxima the gradient is shared among them instead of going to
-  the first one: both are valid subgradients, and after a ReLU tied zeros get
-  zero gradient either way.
+  columns that fill no window are dropped, as VALID does), and the same
+  gradient: each window's gradient goes to its first maximum in row-major
+  order, as torch and XLA's select-and-scatter do. That gradient is a few
+  elementwise passes (`_max_pool_tiled_bwd`), which XLA:CPU computes far faster
+  than select-and-scatter: fwd+bwd after a ReLU on (128, 32, 32, 16), 2-core
+  CPU: nn.max_pool 54.3 ms, jnp.max's own gradient 10.3 ms, this 5.9 ms
+  (BUILD_NOTES.md).
   """
   (h, w), (batch, height, width, channels) = window, x.shape
   x = x[:, :height // h * h, :width // w * w]
   return x.reshape(batch, height // h, h, width // w, w, channels).max(axis=(2, 4))
+
+
+def _max_pool_tiled_fwd(x, window):
+  y = max_pool_tiled(x, window)
+  return y, (x, y)
+
+
+def _max_pool_tiled_bwd(window, residuals, g):
+  x, y = residuals  # (B, H, W, C), (B, Ho, Wo, C)
+  (h, w), (batch, height, width, channels) = window, x.shape
+  out_h, out_w = height // h, width // w
+  x = x[:, :out_h * h, :out_w * w].reshape(batch, out_h, h, out_w, w, channels)
+  taken = jnp.zeros(y.shape, bool)  # (B, Ho, Wo, C): this window's maximum already found
+  rows = []
+  for i in range(h):
+    row = []
+    for j in range(w):
+      first = (x[:, :, i, :, j, :] == y) & ~taken
+      taken = taken | first
+      row.append(jnp.where(first, g, jnp.zeros_like(g)))  # (B, Ho, Wo, C)
+    rows.append(jnp.stack(row, axis=3))  # (B, Ho, Wo, w, C)
+  dx = jnp.stack(rows, axis=2).reshape(batch, out_h * h, out_w * w, channels)  # via (B, Ho, h, Wo, w, C)
+  return (jnp.pad(dx, ((0, 0), (0, height - out_h * h), (0, width - out_w * w), (0, 0))),)
+
+
+max_pool_tiled.defvjp(_max_pool_tiled_fwd, _max_pool_tiled_bwd)
 
 
 class MaxPool(nn.Module):
