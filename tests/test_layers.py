@@ -56,9 +56,11 @@ def test_conv_matches_flax_conv(shape, features, kernel, strides, padding):
   params = reference.init(jax.random.key(1), x)
   # Same parameter tree and initialisation for the same key.
   jax.tree.map(np.testing.assert_array_equal, fast.init(jax.random.key(1), x), params)
-  out = reference.apply(params, x)
-  np.testing.assert_allclose(fast.apply(params, x), out, rtol=1e-5, atol=1e-5)
+  out = jax.jit(reference.apply)(params, x)
+  np.testing.assert_allclose(jax.jit(fast.apply)(params, x), out, rtol=1e-5, atol=1e-5)
   weights = jax.random.normal(jax.random.key(2), out.shape)
-  grad = lambda m: jax.grad(lambda p, x: (m.apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
+  # Jitted: op-by-op, the k*k slices of conv_patches would each compile alone.
+  grad = lambda m: jax.jit(jax.grad(lambda p, x: (m.apply(p, x) * weights).sum(),
+                                    argnums=(0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                grad(fast), grad(reference))
