@@ -1,8 +1,6 @@
-"""experiments.colorize: luma, baselines, the loop on tiny data, resume, errors, entrypoint."""
+"""experiments.colorize: luma, baselines, the loop on tiny data, errors (resume: test_kill_other_loops)."""
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +10,6 @@ from PIL import Image
 from jdl import colorize
 from jdl.data import Dataset, load_dataset
 from jdl.errors import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_grey_is_bt601_luma():
@@ -46,12 +42,9 @@ def test_untrained_model_starts_at_the_grey_copy(tiny_shapes, tmp_path):
   assert np.abs(np.asarray(predicted) - grey).mean() < 0.05
 
 
-def test_fit_resumes_writes_comparison_and_reports_baselines(tiny_shapes, tmp_path):
-  quiet = dict(progress=False, log=lambda *a: None)
-  colorize.fit(tiny_config(tmp_path), tiny_shapes, **quiet)
-  lines = []
-  results = colorize.fit(tiny_config(tmp_path, epochs=2), tiny_shapes, progress=False, log=lines.append)
-  assert any(line.startswith("Resuming from") for line in lines)
+def test_fit_writes_comparison_and_reports_baselines(tiny_shapes, tmp_path):
+  # Resuming (after SIGKILL and SIGTERM) and the entrypoint: tests/test_kill_other_loops.py.
+  results = colorize.fit(tiny_config(tmp_path, epochs=2), tiny_shapes, progress=False, log=lambda *a: None)
   assert results["epochs_run"] == 2
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
   assert [r["epoch"] for r in rows] == [1, 2]
@@ -76,18 +69,6 @@ def test_bad_colorize_input(tiny_shapes, tmp_path):
     colorize.fit(tiny_config(tmp_path, batch_size=100), tiny_shapes, progress=False, log=lambda *a: None)
   with pytest.raises(ConfigError, match="learning_rate must be > 0"):
     colorize.validate_config(colorize.ColorizeConfig(learning_rate=-1.0))
-
-
-def test_colorize_entrypoint_smoke(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.colorize", f"--workdir={tmp_path / 'run'}",
-       "--num_train=64", "--num_test=16", "--width=8", "--batch_size=16", "--epochs=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  results = json.loads((tmp_path / "run" / "results.json").read_text())
-  assert {"test_mse", "mean_colour_mse", "beats_mean_colour"} <= set(results)
-  assert (tmp_path / "run" / "comparison.png").exists()
-  assert "Total params" in result.stdout
 
 
 def test_nonfinite_steps_stop_or_are_skipped(tiny_shapes, tmp_path):

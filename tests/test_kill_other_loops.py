@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 
+from test_gan_experiment import check_entrypoint_outputs
 from test_reliability import ROOT, _metrics, _stored
 
 pytestmark = pytest.mark.slow
@@ -78,6 +79,7 @@ def test_gan_loop_survives_kills(tmp_path):
            "--latent_dim=8", "--epochs=2", "--classifier_epochs=1"]
   result = _run("experiments.gan", [*flags, f"--workdir={reference}"])
   assert result.returncode == 0, result.stderr[-2000:]
+  check_entrypoint_outputs(reference, result.stdout, epochs=2)  # the entrypoint's smoke test
   flags.append(f"--classifier_workdir={os.path.join(reference, 'classifier')}")
   # SIGKILL after step 6 (epoch 2); after resuming at step 4, SIGTERM after step 5.
   ref, got = _chain("experiments.gan", flags, reference, chained, kill_look=6, term_look=1,
@@ -110,6 +112,9 @@ def test_colorize_loop_survives_kills(tmp_path):
   flags = ["--num_train=64", "--num_test=16", "--width=8", "--batch_size=16", "--epochs=2"]
   result = _run("experiments.colorize", [*flags, f"--workdir={reference}"])
   assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads(open(os.path.join(reference, "results.json")).read())  # the entrypoint's smoke test
+  assert {"test_mse", "mean_colour_mse", "beats_mean_colour"} <= set(results)
+  assert os.path.exists(os.path.join(reference, "comparison.png"))
   ref, got = _chain("experiments.colorize", flags, reference, chained, kill_look=6, term_look=2,
                     term_message=r"stopped by SIGTERM at step 6 \(epoch 2\); checkpoint saved")
   assert ref["test_mse"] == got["test_mse"]

@@ -23,7 +23,8 @@ from jdl.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 400 shapes: 320 train (10 steps of 32 per epoch), 80 validation; 3 epochs = 30 steps.
-FLAGS = ["--dataset=shapes", "--model=cnn", "--num_train=400", "--num_test=100",
+# With augmentation, so the random crops and flips must resume exactly too.
+FLAGS = ["--dataset=shapes", "--model=cnn", "--num_train=400", "--num_test=100", "--augment",
          "--batch_size=32", "--epochs=3", "--validation_fraction=0.2", "--log_every=1000"]
 
 
