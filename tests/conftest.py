@@ -17,4 +17,3 @@ os.environ["JDL_CACHE_DIR"] = CACHE_DIR  # Inherited by entrypoint subprocesses.
 from jdl.cli import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache(CACHE_DIR)
-

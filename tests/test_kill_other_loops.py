@@ -115,6 +115,7 @@ def test_colorize_loop_survives_kills(tmp_path):
   results = json.loads(open(os.path.join(reference, "results.json")).read())  # the entrypoint's smoke test
   assert {"test_mse", "mean_colour_mse", "beats_mean_colour"} <= set(results)
   assert os.path.exists(os.path.join(reference, "comparison.png"))
+  assert "Total params" in result.stdout
   ref, got = _chain("experiments.colorize", flags, reference, chained, kill_look=6, term_look=2,
                     term_message=r"stopped by SIGTERM at step 6 \(epoch 2\); checkpoint saved")
   assert ref["test_mse"] == got["test_mse"]

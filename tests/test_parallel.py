@@ -4,12 +4,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
 def test_eight_devices_reach_the_parameters_of_one(tmp_path):
   # With augmentation: the random crops/flips must not depend on the device count either.
   out = subprocess.run([sys.executable, "tests/parallel_driver.py", str(tmp_path), "--augment"], cwd=ROOT,

@@ -199,7 +199,6 @@ def scenario_all(tmp_path_factory):
   return config, workdir, results, "\n".join(lines)
 
 
-@pytest.mark.slow
 def test_scenario_all_writes_the_table(scenario_all):
   config, workdir, results, log = scenario_all
   rows = {row["scenario"]: row for row in results["scenarios"]}
