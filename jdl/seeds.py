@@ -61,10 +61,9 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
     raise ConfigError("--num_seeds > 1 runs on one device (the replicas are the parallel axis); "
                       "data parallel runs take one seed")
   workdir, created = train.prepare_workdir(config)
-  dataset, train_split, val = train.start_run(config, dataset, workdir, created)
+  dataset, train_split, val, (mean, std) = train.start_run(config, dataset, workdir, created)
   num_train, num_classes = len(train_split[1]), dataset.num_classes
   steps_per_epoch = num_train // config.batch_size
-  mean, std = pipeline.channel_stats(train_split[0])
   data = jax.device_put({"images": train_split[0], "labels": train_split[1], "mean": mean, "std": std})
   eval_batch_size = min(1000, max(len(dataset.test[1]), 1))
   val_batched = train.batch_for_eval(val, eval_batch_size) if len(val[1]) else None

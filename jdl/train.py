@@ -324,11 +324,13 @@ def prepare_workdir(config: TrainConfig) -> Tuple[str, bool]:
 
 
 def start_run(config: TrainConfig, dataset: Optional[Dataset], workdir: str, created: bool,
-              mesh=None) -> Tuple[Dataset, Any, Any]:
+              mesh=None, input_stats=None) -> Tuple[Dataset, Any, Any, Tuple[Any, Any]]:
   """Loads the data, holds out validation, checks sizes, writes config.json.
 
-  Returns (dataset, train split, validation split). On any failure a workdir
-  this run created is removed again if still empty.
+  Returns (dataset, train split, validation split, (mean, std)): the per-channel
+  input statistics the run normalises with, `input_stats` or else the training
+  split's. On any failure a workdir this run created is removed again if still
+  empty.
   """
   try:
     if dataset is None:
@@ -347,11 +349,15 @@ def start_run(config: TrainConfig, dataset: Optional[Dataset], workdir: str, cre
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # Leave no empty run directory behind a failed start.
     raise
-  # The config, plus what rebuilding the model needs (transfer learning reads it).
+  mean, std = input_stats if input_stats is not None else pipeline.channel_stats(train[0])
+  # The config, plus what rebuilding the model and feeding it needs (transfer
+  # learning reads it: a frozen backbone wants inputs normalised as it saw them).
   write_json(os.path.join(workdir, "config.json"),
              {**dataclasses.asdict(config), "num_classes": dataset.num_classes,
-              "input_shape": list(dataset.input_shape)})
-  return dataset, train, val
+              "input_shape": list(dataset.input_shape),
+              "input_mean": np.asarray(mean, np.float64).tolist(),
+              "input_std": np.asarray(std, np.float64).tolist()})
+  return dataset, train, val, (mean, std)
 
 
 def keep_if(ok, new, old):
@@ -487,10 +493,9 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
 
   # --- Input: the whole dataset on the device. ---
   mesh = parallel.data_mesh(devices)
-  dataset, train, val = start_run(config, dataset, workdir, created, mesh)
+  dataset, train, val, (mean, std) = start_run(config, dataset, workdir, created, mesh, input_stats)
   num_train, num_classes = len(train[1]), dataset.num_classes
   steps_per_epoch = num_train // config.batch_size  # The remainder is dropped; order changes every epoch.
-  mean, std = input_stats if input_stats is not None else pipeline.channel_stats(train[0])
   # mean/std travel as arguments, not constants baked into the programs, so runs
   # on other data of the same shapes reuse compiled programs from the cache.
   replicated, batch_sharding = parallel.shardings(mesh)

@@ -5,8 +5,9 @@ the new dataset's size and its similarity to the original one:
 
   small_similar    drop the last layer, add a new Dense head for the new classes,
                    freeze every pretrained weight, train the head.
-  small_different  also cut away the later pretrained layers, keep the early,
-                   low-level ones frozen, add the new head (GAP + Dense).
+  small_different  also cut away the later pretrained layers (the hidden Dense
+                   layers, else the later half), keep the earlier ones frozen,
+                   add the new head (flatten or GAP, then Dense).
   large_similar    new head, the rest initialised from the pretrained weights,
                    fine-tune everything.
   large_different  new head and train from scratch, or fine-tune from the
@@ -84,12 +85,15 @@ class Head(nn.Module):
     pool: how feature maps become a vector: 'avg' (global average pooling,
       as in the notes' bottleneck head: C inputs) or 'flatten' (keeps where
       each pattern is: H * W * C inputs). Vectors pass unchanged.
-    dropout: rate before the Dense layer.
+    dropout: rate before each Dense layer.
+    hidden: width of a hidden Dense + ReLU layer before 'fc' (the Keras
+      bottleneck example's Dense(256)); 0 for none.
     dtype: compute dtype; logits come back float32.
   """
   num_classes: int
   pool: str = "avg"
   dropout: float = 0.0
+  hidden: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -99,6 +103,9 @@ class Head(nn.Module):
       x = layers.GlobalAvgPool(name="avgpool")(x)  # (B, C)
     elif x.ndim > 2:
       x = layers.Flatten(name="flatten")(x)  # (B, H * W * C)
+    if self.hidden:
+      x = nn.Dropout(self.dropout, deterministic=not train, name="hidden_dropout")(x)
+      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))  # (B, hidden)
     features = {"pre_logits": x}
     x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
@@ -109,7 +116,7 @@ class TransferModel(nn.Module):
   """A pretrained model cut at `backbone.cut_at`, followed by a new `Head`.
 
   Parameters live under 'backbone/...' (the pretrained model's own names) and
-  'head/fc/...'.
+  'head/fc/...' (and 'head/hidden/...').
 
   Arguments:
     backbone: a jdl model with `cut_at` set (see `cut_model`).
@@ -118,7 +125,8 @@ class TransferModel(nn.Module):
       statistics, dropout is off, and no gradient flows into it (pair it with
       `frozen=FROZEN_BACKBONE` in `train.fit` so the optimizer leaves it alone).
     head_pool: the Head's `pool`, 'avg' or 'flatten'.
-    head_dropout: dropout rate before the new Dense layer.
+    head_dropout: dropout rate before the new Dense layer(s).
+    head_hidden: the Head's `hidden` width (0: one Dense layer).
     dtype: compute dtype of the head.
   """
   backbone: nn.Module
@@ -126,6 +134,7 @@ class TransferModel(nn.Module):
   train_backbone: bool = True
   head_pool: str = "avg"
   head_dropout: float = 0.0
+  head_hidden: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -136,7 +145,7 @@ class TransferModel(nn.Module):
     if not self.train_backbone:
       cut = jax.lax.stop_gradient(cut)
     logits, head_features = Head(self.num_classes, self.head_pool, self.head_dropout,
-                                 self.dtype, name="head")(cut, train=train)
+                                 self.head_hidden, self.dtype, name="head")(cut, train=train)
     return logits, {"backbone": cut, "pre_logits": head_features["pre_logits"]}
 
 
@@ -172,15 +181,24 @@ def cut_model(model: nn.Module, cut_at: str, input_shape: Sequence[int]) -> nn.M
 
 
 def default_cut(model: nn.Module, input_shape: Sequence[int], similar: bool) -> str:
-  """'pre_logits' (drop the last layer) for similar data, else a middle feature.
+  """'pre_logits' (drop the last layer) for similar data; for different data
+  also cut away the later, task-specific layers.
 
-  The middle feature keeps the early, low-level layers the notes keep for
-  small, different datasets: cnn 'block2' of 3 blocks, resnet20 'layer1',
-  resnet18 'layer2', vgg11 'block3'.
+  Those are the hidden Dense layers where the model has them: the cut is its
+  last feature map (cnn 'block3', lenet5 'block2'). A model whose pooled
+  features go straight into the last layer (ResNets, fastnet, vgg) is cut at a
+  middle feature instead: resnet20 'layer1', resnet18 'layer2', vgg11 'block3',
+  fastnet 'group1'.
+  On the shapes sketches the cnn cut at 'block2' lost to training from
+  scratch and 'block3' beat it (BUILD_NOTES.md, issue 4).
   """
   if similar:
     return "pre_logits"
   names = [n for n in feature_names(model, input_shape) if n != "pre_logits"]
+  count = lambda cut_at: sum(math.prod(a.shape) for a in jax.tree.leaves(jax.eval_shape(
+      model.clone(cut_at=cut_at).init, jax.random.key(0), jnp.zeros((1, *input_shape)))))
+  if count("pre_logits") > count(names[-1]):  # hidden Dense layers after the last feature map
+    return names[-1]
   return names[(len(names) - 1) // 2]
 
 
@@ -246,15 +264,31 @@ class Pretrained:
     variables: {'params': ..., 'batch_stats': ...} as numpy arrays.
     source: where it came from, for logs and results.json.
     test_accuracy: on its own task, when known.
+    input_stats: (mean, std) per channel, in [0, 1] image units, that the
+      model's inputs were normalised with when it was trained; None if unknown.
   """
   model: nn.Module
   variables: dict
   source: str
   test_accuracy: Optional[float] = None
+  input_stats: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
 
-def _saved_config(workdir: str) -> Tuple[TrainConfig, int]:
-  """The run's TrainConfig and class count, from config.json (or results.json)."""
+# torchvision's ImageNet preprocessing (transforms.Normalize), [0, 1] units.
+IMAGENET_STATS = (np.array([0.485, 0.456, 0.406], np.float32),
+                  np.array([0.229, 0.224, 0.225], np.float32))
+
+
+def _recorded_stats(saved: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+  """(mean, std) from a run's config.json; None for runs of a jdl before it was recorded."""
+  if "input_mean" not in saved or "input_std" not in saved:
+    return None
+  return (np.asarray(saved["input_mean"], np.float32), np.asarray(saved["input_std"], np.float32))
+
+
+def _saved_config(workdir: str) -> Tuple[TrainConfig, int, dict]:
+  """The run's TrainConfig, class count and raw config.json (class count from results.json
+  for older runs)."""
   config, saved = load_run_config(workdir, "pretrained_workdir")
   num_classes = saved.get("num_classes")
   if not num_classes:  # config.json of runs before it was recorded; a finished run's results.json has it
@@ -264,7 +298,7 @@ def _saved_config(workdir: str) -> Tuple[TrainConfig, int]:
     except (OSError, ValueError, KeyError, TypeError):
       raise ConfigError(f"--pretrained_workdir {workdir} does not record its class count "
                         "(an unfinished run of an older jdl); rerun it to finish") from None
-  return config, int(num_classes)
+  return config, int(num_classes), saved
 
 
 def load_workdir(workdir: str, dtype=jnp.float32) -> Pretrained:
@@ -273,7 +307,7 @@ def load_workdir(workdir: str, dtype=jnp.float32) -> Pretrained:
   The model is rebuilt from the run's config.json; its class count comes from
   the stored head, so the checkpoint is read without a target structure.
   """
-  config, num_classes = _saved_config(workdir)
+  config, num_classes, saved = _saved_config(workdir)
   variables, step = None, None
   for sub in ("best", "checkpoints"):
     directory = os.path.join(workdir, sub)
@@ -294,7 +328,8 @@ def load_workdir(workdir: str, dtype=jnp.float32) -> Pretrained:
       accuracy = json.load(f).get("test_accuracy")
   except (OSError, ValueError):
     pass
-  return Pretrained(model, variables, f"{workdir} ({config.model}, step {step})", accuracy)
+  return Pretrained(model, variables, f"{workdir} ({config.model}, step {step})", accuracy,
+                    _recorded_stats(saved))
 
 
 def load_safetensors_resnet(path: str, model_name: str, input_shape: Sequence[int],
@@ -313,7 +348,8 @@ def load_safetensors_resnet(path: str, model_name: str, input_shape: Sequence[in
   num_classes = int(tensors["fc.weight"].shape[0])
   model = models.build_model(model_name, stem=stem, num_classes=num_classes, dtype=dtype)
   variables = pretrained.torch_to_jdl(tensors, model, input_shape)
-  return Pretrained(model, jax.device_get(variables), f"{path} ({model_name}, stem {stem})")
+  return Pretrained(model, jax.device_get(variables), f"{path} ({model_name}, stem {stem})",
+                    input_stats=IMAGENET_STATS)  # torchvision's weights expect ImageNet-normalised inputs
 
 
 # ----------------------------------------------------------------------------
@@ -478,11 +514,18 @@ class TransferConfig(TrainConfig):
                                  "small_different, pre_logits, i.e. drop the last layer, otherwise)")
   head_pool: str = option("flatten", "how the new head turns cut feature maps into a vector: flatten (keeps "
                           "positions; more weights) or avg (global average pooling, the notes' bottleneck head)")
+  head_hidden: int = option(0, "width of a hidden Dense + ReLU layer in the new head (0: none; the Keras "
+                            "bottleneck example uses 256); --dropout sets the head's dropout rate")
+  normalize_inputs: str = option("target", "statistics that normalise the transferred model's inputs: "
+                                 "target (the new training split's own) or pretrained (the ones the "
+                                 "pretrained model was trained with, e.g. ImageNet mean/std for "
+                                 "--pretrained_weights)")
   bottleneck: bool = option(False, "frozen-backbone scenarios: compute the backbone's features once, cache them "
                             "in WORKDIR, train only the head on them")
   fine_tune_from_pretrained: bool = option(False, "large_different: fine-tune from the pretrained weights "
                                            "instead of training from scratch")
-  pretrain_epochs: int = option(10, "epochs of the pretraining run on the shapes source task")
+  pretrain_epochs: int = option(30, "epochs of the pretraining run on the shapes source task")
+  pretrain_augment: bool = option(True, "augment (translate, flip) the pretraining run's images")
   source_per_class: int = option(1000, "shapes source task: training images per class (5 classes)")
   small_per_class: int = option(50, "training images per class of the small target sets")
   large_per_class: int = option(500, "training images per class of the large target sets")
@@ -506,6 +549,9 @@ def validate(config: TransferConfig) -> None:
   check(config.num_seeds == 1, "--num_seeds applies to experiments.cifar and sequence, not transfer")
   check(config.head_pool in ("avg", "flatten"),
         f"head_pool must be avg or flatten, got {config.head_pool!r}")
+  check(config.head_hidden >= 0, f"head_hidden must be >= 0, got {config.head_hidden}")
+  check(config.normalize_inputs in ("pretrained", "target"),
+        f"normalize_inputs must be pretrained or target, got {config.normalize_inputs!r}")
   check(not (config.pretrained_workdir and config.pretrained_weights),
         "give --pretrained_workdir or --pretrained_weights, not both")
   check(not config.pretrained_workdir
@@ -570,7 +616,8 @@ def pretrained_model(config: TransferConfig, source: Optional[Dataset], workdir:
     return load_safetensors_resnet(config.pretrained_weights, config.model,
                                    (32, 32, 3), dtype)
   pre_config = _train_config(config, dataset="shapes-source", epochs=config.pretrain_epochs,
-                             workdir=os.path.join(workdir, "pretrain"), augment=False)
+                             workdir=os.path.join(workdir, "pretrain"),
+                             augment=config.pretrain_augment)
   log(f"Pretraining {config.model} on the shapes source task ({len(source.train[1])} images, "
       f"classes {', '.join(source.class_names)}) in {pre_config.workdir}")
   state, results = train.fit(pre_config, source, progress=progress, log=lambda line: None)
@@ -578,8 +625,10 @@ def pretrained_model(config: TransferConfig, source: Optional[Dataset], workdir:
   variables = {"params": state.params}
   if state.batch_stats is not None:
     variables["batch_stats"] = state.batch_stats
+  _, _, saved = _saved_config(pre_config.workdir)
   return Pretrained(train.build_classifier(pre_config, source.num_classes),
-                    jax.device_get(variables), pre_config.workdir, results["test_accuracy"])
+                    jax.device_get(variables), pre_config.workdir, results["test_accuracy"],
+                    _recorded_stats(saved))
 
 
 def _epoch_times(workdir: str) -> List[float]:
@@ -607,6 +656,7 @@ def run_scenario(config: TransferConfig, scenario: str, data: Dataset, pretraine
   cut = config.cut_at or default_cut(backbone, input_shape, similar or not frozen_backbone)
   model = TransferModel(cut_model(backbone, cut, input_shape), data.num_classes,
                         train_backbone=not frozen_backbone, head_pool=config.head_pool,
+                        head_dropout=config.dropout or 0.0, head_hidden=config.head_hidden,
                         dtype=backbone.dtype)
   variables = restore_matching(init_variables(model, input_shape, config.seed), pretrained.variables,
                                where=f"pretrained weights from {pretrained.source}")
@@ -614,20 +664,32 @@ def run_scenario(config: TransferConfig, scenario: str, data: Dataset, pretraine
   what = ("frozen backbone cut at" if frozen_backbone else "fine-tuning everything, cut at")
   log(f"[{scenario}] {what} {cut!r} + new head ({data.num_classes} classes) on {data.name}")
   row["cut_at"] = cut
+  input_stats = None  # train.fit's default: the new training split's own statistics
+  if config.normalize_inputs == "pretrained":
+    if pretrained.input_stats is None:
+      log(f"  {pretrained.source} does not record its input statistics; normalising with the "
+          "new training split's")
+    input_stats = pretrained.input_stats
+  row["normalize_inputs"] = "target" if input_stats is None else "pretrained"
   if frozen_backbone and config.bottleneck:
-    return _bottleneck(run_config, row, model, variables, data, progress, log)
+    return _bottleneck(run_config, row, model, variables, data, input_stats, progress, log)
   _, results = train.fit(run_config, data, model=model, variables=variables, frozen=frozen,
-                         progress=progress, log=lambda line: None)
+                         input_stats=input_stats, progress=progress, log=lambda line: None)
   row["trainable_params"] = results["trainable_params"]
   return _finish_row(row, results)
 
 
 def _bottleneck(run_config: TrainConfig, row: dict, model: TransferModel, variables: dict,
-                data: Dataset, progress: bool, log) -> dict:
-  """Scenarios 1-2 with cached features: the backbone runs once, the head trains."""
+                data: Dataset, input_stats, progress: bool, log) -> dict:
+  """Scenarios 1-2 with cached features: the backbone runs once, the head trains.
+
+  `input_stats` normalise the images as train.fit would (None: the training split's).
+  """
   os.makedirs(run_config.workdir, exist_ok=True)
-  train_split, _ = split_validation(data.train, run_config.validation_fraction, run_config.seed)
-  mean, std = pipeline.channel_stats(train_split[0])  # as train.fit normalises images
+  if input_stats is None:
+    train_split, _ = split_validation(data.train, run_config.validation_fraction, run_config.seed)
+    input_stats = pipeline.channel_stats(train_split[0])  # as train.fit normalises images
+  mean, std = input_stats
   cache = FeatureCache(os.path.join(run_config.workdir, "features.npz"))
   backbone_vars = {k: v["backbone"] for k, v in variables.items() if "backbone" in v}
   key = fingerprint(backbone_vars, mean, std, data.train, data.test,
@@ -650,7 +712,7 @@ def _bottleneck(run_config: TrainConfig, row: dict, model: TransferModel, variab
   features = Dataset(f"{data.name}-features-{model.backbone.cut_at}",
                      (cached["train"], data.train[1]), (cached["test"], data.test[1]),
                      data.num_classes, data.class_names)
-  head = Head(data.num_classes, model.head_pool, model.head_dropout, model.dtype)
+  head = Head(data.num_classes, model.head_pool, model.head_dropout, model.head_hidden, model.dtype)
   feature_dim = features.input_shape[-1]
   _, results = train.fit(run_config, features, model=head,
                          input_stats=(np.zeros(feature_dim, np.float32), np.ones(feature_dim, np.float32)),

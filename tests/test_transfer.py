@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from jdl import checkpoint, optim, train, transfer
+from jdl.data import pipeline, split_validation
 from jdl.errors import CheckpointError, ConfigError
 from jdl.models import ResNet, build_model
 from jdl.summary import count_params, summarize
@@ -69,12 +70,19 @@ def test_head_replacement_and_cut_shapes():
   v = abstract(head_only)
   assert count_params(v["params"]["backbone"]) == count_params(abstract(backbone)["params"]) - 16 * 3 - 3
   assert v["params"]["head"]["fc"]["kernel"].shape == (16, 7)
+  # The Keras-style head: a hidden Dense + ReLU between the features and 'fc'.
+  hidden = abstract(transfer.TransferModel(backbone.clone(cut_at="pre_logits"), num_classes=7,
+                                           head_hidden=32))["params"]["head"]
+  assert hidden["hidden"]["kernel"].shape == (16, 32) and hidden["fc"]["kernel"].shape == (32, 7)
   with pytest.raises(ConfigError, match="'layer9' is not a layer of ResNet; choose one of: "
                                         "stem, layer1, layer2, layer3, pre_logits"):
     transfer.cut_model(backbone, "layer9", SHAPE)
   assert transfer.default_cut(backbone, SHAPE, similar=False) == "layer1"
   assert transfer.default_cut(build_model("resnet18"), (32, 32, 3), similar=False) == "layer2"
-  assert transfer.default_cut(build_model("cnn"), (32, 32, 3), similar=False) == "block2"
+  # The cnn's hidden Dense layer goes (the cut is its last feature map); models
+  # without one are cut in the middle.
+  assert transfer.default_cut(build_model("cnn"), (32, 32, 3), similar=False) == "block3"
+  assert transfer.default_cut(build_model("lenet5"), (32, 32, 3), similar=False) == "block2"
   assert transfer.default_cut(backbone, SHAPE, similar=True) == "pre_logits"
 
 
@@ -175,6 +183,8 @@ def test_shapes_tasks_are_disjoint_classes_and_styles():
     (dict(dataset="cifar10"), "needs --pretrained_workdir or --pretrained_weights"),
     (dict(large_per_class=10, small_per_class=10), "must be larger than small_per_class"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
+    (dict(head_hidden=-1), "head_hidden must be >= 0, got -1"),
+    (dict(normalize_inputs="imagenet"), "normalize_inputs must be pretrained or target"),
 ])
 def test_bad_transfer_config_is_one_line(changes, message):
   config = transfer.TransferConfig(**{**transfer.FLAG_DEFAULTS, **changes})
@@ -192,8 +202,10 @@ SMALL = dict(model="lenet5", source_per_class=24, small_per_class=6, large_per_c
 @pytest.fixture(scope="module")
 def scenario_all(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("transfer") / "run")
+  # Inputs normalised with the pretraining run's statistics (not the default):
+  # that path reaches both train.fit and the bottleneck features.
   config = transfer.TransferConfig(**{**transfer.FLAG_DEFAULTS, **SMALL, "workdir": workdir,
-                                      "bottleneck": True})
+                                      "bottleneck": True, "normalize_inputs": "pretrained"})
   lines = []
   results = transfer.run(config, progress=False, log=lines.append)
   return config, workdir, results, "\n".join(lines)
@@ -210,8 +222,12 @@ def test_scenario_all_writes_the_table(scenario_all):
     assert 0.0 <= row["scratch"]["test_accuracy"] <= 1.0
   # small_similar trains only the new head on lenet5's 84 pre-logits: 84 * 5 + 5.
   assert rows["small_similar"]["trainable_params"] == 84 * 5 + 5
-  assert rows["small_different"]["cut_at"] == "block1"  # lenet5's middle feature
-  assert rows["small_different"]["trainable_params"] == 14 * 14 * 6 * 5 + 5  # flatten (14, 14, 6)
+  assert rows["small_different"]["cut_at"] == "block2"  # lenet5 without its Dense 120, 84
+  assert rows["small_different"]["trainable_params"] == 5 * 5 * 16 * 5 + 5  # flatten (5, 5, 16)
+  for name in ("small_similar", "small_different", "large_similar"):
+    assert rows[name]["normalize_inputs"] == "pretrained"
+  with open(os.path.join(workdir, "pretrain", "config.json")) as f:
+    assert json.load(f)["augment"]  # --pretrain_augment's default
   assert rows["small_similar"]["bottleneck"] and rows["small_similar"]["bottleneck_speedup"] > 1
   assert os.path.exists(os.path.join(workdir, "small_similar", "features.npz"))
   # Fine-tuning trains everything but the cut-off old head; from scratch is the baseline.
@@ -234,6 +250,11 @@ def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
   best, _ = checkpoint.Checkpoints(os.path.join(workdir, "pretrain")).restore_best(target)
   for a, b in zip(jax.tree.leaves(pretrained.variables["params"]), jax.tree.leaves(best.params)):
     np.testing.assert_array_equal(a, b)
+  # It records the input statistics it was trained with: its training split's
+  # (after holding out validation), which the transferred models reuse.
+  source_train, _ = split_validation(tasks["source"].train, config.validation_fraction, config.seed)
+  for recorded, expected in zip(pretrained.input_stats, pipeline.channel_stats(source_train[0])):
+    np.testing.assert_array_equal(recorded, expected)
   # Rerunning a finished scenario resumes it: features come from the cache and
   # the figures repeat exactly.
   lines = []
