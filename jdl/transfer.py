@@ -144,8 +144,8 @@ class TransferModel(nn.Module):
     cut = features[self.backbone.cut_at]
     if not self.train_backbone:
       cut = jax.lax.stop_gradient(cut)
-    logits, head_features = Head(self.num_classes, self.head_pool, self.head_dropout,
-                                 self.head_hidden, self.dtype, name="head")(cut, train=train)
+    logits, head_features = Head(self.num_classes, pool=self.head_pool, dropout=self.head_dropout,
+                                 hidden=self.head_hidden, dtype=self.dtype, name="head")(cut, train=train)
     return logits, {"backbone": cut, "pre_logits": head_features["pre_logits"]}
 
 
@@ -712,7 +712,8 @@ def _bottleneck(run_config: TrainConfig, row: dict, model: TransferModel, variab
   features = Dataset(f"{data.name}-features-{model.backbone.cut_at}",
                      (cached["train"], data.train[1]), (cached["test"], data.test[1]),
                      data.num_classes, data.class_names)
-  head = Head(data.num_classes, model.head_pool, model.head_dropout, model.head_hidden, model.dtype)
+  head = Head(data.num_classes, pool=model.head_pool, dropout=model.head_dropout,
+              hidden=model.head_hidden, dtype=model.dtype)
   feature_dim = features.input_shape[-1]
   _, results = train.fit(run_config, features, model=head,
                          input_stats=(np.zeros(feature_dim, np.float32), np.ones(feature_dim, np.float32)),
