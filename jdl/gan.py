@@ -354,6 +354,8 @@ class GANConfig:
   d_conditioning: str = option("input", "conditional only: how D sees the label: input (one-hot "
                                          "channels on the image) or projection (label embedding dotted "
                                          "with D's last features, Miyato & Koyama 2018)")
+  g_conditioning: str = option("multiply", "conditional only: how G sees the label: multiply (z times "
+                                           "a learned label embedding) or concat (one-hot appended to z)")
   class_loss_weight: float = option(0.0, "conditional only: weight of an AC-GAN auxiliary class loss "
                                          "(D's extra head classifies real images; G is rewarded when it "
                                          "classifies a fake as the class asked for); 0: label input only")
@@ -388,6 +390,8 @@ def validate_config(config: GANConfig) -> None:
         f"class_loss_weight must be >= 0, got {config.class_loss_weight}")
   check(config.d_conditioning in ("input", "projection"),
         f"d_conditioning must be input or projection, got {config.d_conditioning!r}")
+  check(config.g_conditioning in ("concat", "multiply"),
+        f"g_conditioning must be concat or multiply, got {config.g_conditioning!r}")
   check(0.5 < config.real_label <= 1.0, f"real_label must be in (0.5, 1], got {config.real_label}")
   for name in ("latent_dim", "g_width", "d_width", "batch_size", "keep_checkpoints",
                "classifier_epochs"):
@@ -514,7 +518,8 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
   if config.batch_size > len(labels):
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(labels)} images)")
   num_classes = dataset.num_classes if config.conditional else 0
-  generator = Generator(tuple(dataset.input_shape), config.g_width, num_classes=num_classes)
+  generator = Generator(tuple(dataset.input_shape), config.g_width, num_classes=num_classes,
+                        conditioning=config.g_conditioning)
   discriminator = Discriminator(config.d_width, num_classes=num_classes,
                                 conditioning=config.d_conditioning,
                                 class_head=bool(num_classes and config.class_loss_weight > 0))
@@ -524,7 +529,11 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
   if os.path.exists(config_path):
     with open(config_path) as f:
       previous = json.load(f)
-    for key in ("dataset", "conditional", "d_conditioning", "g_width", "d_width", "latent_dim"):
+    previous.setdefault("g_conditioning", "concat")  # the only kind before it was a flag
+    keys = ("dataset", "conditional", "g_width", "d_width", "latent_dim")
+    if config.conditional:
+      keys += ("d_conditioning", "g_conditioning")
+    for key in keys:
       if previous.get(key) != getattr(config, key):
         raise ConfigError(f"workdir {workdir} holds a GAN run with {key}={previous.get(key)!r}, "
                           f"not {getattr(config, key)!r}; use another --workdir")

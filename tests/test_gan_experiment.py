@@ -65,6 +65,7 @@ def test_conditional_gan_reports_label_match(tmp_path, tiny_shapes, classifier_w
     (dict(num_eval=1), "num_eval must be >= 2"),
     (dict(batch_size=1000), "batch_size 1000 is larger than the training set"),
     (dict(classifier_workdir="/nonexistent/run"), "holds no experiments.cifar run"),
+    (dict(g_conditioning="both"), "g_conditioning must be concat or multiply, got 'both'"),
 ])
 def test_bad_gan_input_is_a_config_error(tmp_path, tiny_shapes, overrides, message):
   with pytest.raises(ConfigError, match=message):
@@ -81,6 +82,12 @@ def test_sequences_and_other_runs_are_refused(tmp_path, tiny_shapes):
       dataclasses.asdict(config(tmp_path, conditional=True))))
   with pytest.raises(ConfigError, match="holds a GAN run with conditional=True"):
     gan.fit(config(tmp_path), tiny_shapes, progress=False, log=lambda *a: None)
+  # A conditional run of a jdl before --g_conditioning had the concat generator.
+  older = dataclasses.asdict(config(tmp_path, conditional=True))
+  del older["g_conditioning"]
+  (tmp_path / "gan" / "config.json").write_text(json.dumps(older))
+  with pytest.raises(ConfigError, match="holds a GAN run with g_conditioning='concat', not 'multiply'"):
+    gan.fit(config(tmp_path, conditional=True), tiny_shapes, progress=False, log=lambda *a: None)
 
 
 def test_unwritable_workdirs_are_one_line_errors(tmp_path, tiny_shapes):

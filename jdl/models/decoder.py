@@ -203,19 +203,28 @@ class Generator(nn.Module):
   Arguments:
     image_shape: (H, W, C) of the images; sides base * 2**n (28, 32, 64, ...).
     base_width: channels of the first feature map (DCGAN: 1024 for 64x64).
-    num_classes: 0 for an unconditional generator; else the one-hot label
-      (num_classes wide) is concatenated to z.
+    num_classes: 0 for an unconditional generator; else the label enters as
+      `conditioning` says.
+    conditioning: 'multiply' (default): z is multiplied elementwise by a
+      learned N(0, 1) embedding of the label ('label_embed', num_classes x Z),
+      so every input of the first layer depends on the label (as in the
+      PyTorch-GAN cGAN). 'concat': the one-hot label (num_classes wide) is
+      concatenated to z (Mirza & Osindero 2014); trained on shapes, that
+      generator all but ignored its label (BUILD_NOTES.md, issue 5).
     kernel_size: transposed-conv kernel side.
     dtype: compute dtype; parameters stay float32, images come back float32.
   """
   image_shape: Sequence[int] = (32, 32, 3)
   base_width: int = 256
   num_classes: int = 0
+  conditioning: str = 'multiply'
   kernel_size: int = 4
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     upsampling_plan(self.image_shape, self.base_width)  # ConfigError at construction
+    if self.conditioning not in ('concat', 'multiply'):
+      raise ConfigError(f"generator conditioning must be concat or multiply, got {self.conditioning!r}")
     super().__post_init__()
 
   @nn.compact
@@ -231,7 +240,12 @@ class Generator(nn.Module):
     if self.num_classes:
       if labels is None:
         raise ConfigError(f'conditional generator (num_classes={self.num_classes}) needs labels')
-      z = jnp.concatenate([z, jax.nn.one_hot(labels, self.num_classes)], axis=-1)  # (B, Z + K)
+      if self.conditioning == 'multiply':
+        embed = nn.Embed(self.num_classes, z.shape[-1], embedding_init=nn.initializers.normal(1.0),
+                         name='label_embed')
+        z = z * embed(labels)  # (B, Z)
+      else:
+        z = jnp.concatenate([z, jax.nn.one_hot(labels, self.num_classes)], axis=-1)  # (B, Z + K)
     elif labels is not None:
       raise ConfigError('unconditional generator (num_classes=0) takes no labels')
     return Decoder(image_shape=tuple(self.image_shape), base_width=self.base_width,
