@@ -354,8 +354,8 @@ class GANConfig:
   d_conditioning: str = option("input", "conditional only: how D sees the label: input (one-hot "
                                          "channels on the image) or projection (label embedding dotted "
                                          "with D's last features, Miyato & Koyama 2018)")
-  g_conditioning: str = option("multiply", "conditional only: how G sees the label: multiply (z times "
-                                           "a learned label embedding) or concat (one-hot appended to z)")
+  g_conditioning: str = option("concat", "conditional only: how G sees the label: concat (one-hot "
+                                         "appended to z) or multiply (z times a learned label embedding)")
   class_loss_weight: float = option(0.0, "conditional only: weight of an AC-GAN auxiliary class loss "
                                          "(D's extra head classifies real images; G is rewarded when it "
                                          "classifies a fake as the class asked for); 0: label input only")

@@ -87,7 +87,8 @@ def test_sequences_and_other_runs_are_refused(tmp_path, tiny_shapes):
   del older["g_conditioning"]
   (tmp_path / "gan" / "config.json").write_text(json.dumps(older))
   with pytest.raises(ConfigError, match="holds a GAN run with g_conditioning='concat', not 'multiply'"):
-    gan.fit(config(tmp_path, conditional=True), tiny_shapes, progress=False, log=lambda *a: None)
+    gan.fit(config(tmp_path, conditional=True, g_conditioning="multiply"), tiny_shapes,
+            progress=False, log=lambda *a: None)
 
 
 def test_unwritable_workdirs_are_one_line_errors(tmp_path, tiny_shapes):
