@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -491,6 +491,36 @@ def sample_quality(state: GANState, scorer: Scorer, real_features, key, count: i
   return out
 
 
+def label_report(state: GANState, scorer: Scorer, key, per_class: int = 200) -> Dict[str, Any]:
+  """How a conditional generator uses its label.
+
+  Every class is generated from the same `per_class` latent vectors, so the
+  K sets of images differ only by the label.
+
+  Returns:
+    confusion: (K, K) counts as nested lists: row = the class asked for,
+      column = the scoring classifier's label.
+    match_rate: the confusion matrix's trace over its total.
+    label_effect: mean |G(z, a) - G(z, b)| over class pairs a < b (pixels
+      in [-1, 1]): how far another label moves an image.
+    noise_effect: mean |G(z1, c) - G(z2, c)| between two halves of the z's:
+      how far another z moves it. A label_effect far below noise_effect means
+      the generator all but ignores its label.
+  """
+  num_classes = state.num_classes
+  z = jax.random.normal(key, (per_class, state.latent_dim))
+  images = np.stack([np.asarray(generate(state, z, jnp.full((per_class,), c, jnp.int32)))
+                     for c in range(num_classes)])  # (K, per_class, H, W, C)
+  confusion = np.stack([np.bincount(scorer(images[c])[1], minlength=num_classes)
+                        for c in range(num_classes)])
+  half = per_class // 2
+  return {"confusion": confusion.tolist(),
+          "match_rate": float(np.trace(confusion) / confusion.sum()),
+          "label_effect": float(np.mean([np.abs(images[a] - images[b]).mean()
+                                         for a in range(num_classes) for b in range(a + 1, num_classes)])),
+          "noise_effect": float(np.abs(images[:, :half] - images[:, half:2 * half]).mean())}
+
+
 def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) -> dict:
   """Trains a DCGAN as `config` says, resuming from its workdir.
 
@@ -660,6 +690,8 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
       "frechet_distance_last_epoch": fd[-1] if fd else None,
       "label_match_rate_last_epoch": history[-1].get("label_match_rate") if history else None,
       "label_match_chance": (1.0 / num_classes) if num_classes else None,
+      "label_report": (label_report(state, scorer, jax.random.fold_in(eval_key, 1))
+                       if num_classes and history else None),
       "final_losses": {k: history[-1][k] for k in ("d_loss", "g_loss", "d_real", "d_fake")} if history else None,
       "epochs_run": meta["epoch"],
       "train_time_s": meta["train_time_s"],

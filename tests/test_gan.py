@@ -506,3 +506,26 @@ def test_multiply_conditioned_generator():
   assert float(label_change) > 0.8 * float(z_change)  # 1.02 here; 0.46 with concat
   with pytest.raises(ConfigError, match='conditioning must be concat or multiply'):
     Generator(image_shape=(16, 16, 1), base_width=8, num_classes=3, conditioning='both')
+
+
+def test_label_report_sees_an_ignored_label():
+  """A 'multiply' generator whose label embedding is all ones ignores its label:
+  label_effect is exactly 0 and every row of the confusion matrix is the same;
+  with the embedding as initialised the label moves the images."""
+  num_classes = 3
+  g = Generator(image_shape=(16, 16, 1), base_width=8, num_classes=num_classes,
+                conditioning='multiply')
+  state = gan.create_gan_state(g, Discriminator(base_width=4, num_classes=num_classes),
+                               (16, 16, 1), Z, key())
+  # A stand-in scorer: 'class' = which third of the range the image's mean pixel is in.
+  scorer = lambda images: (None, np.digitize(images.mean(axis=(1, 2, 3)), [-1e-4, 1e-4]))
+  report = gan.label_report(state, scorer, key(5), per_class=20)
+  assert report['label_effect'] > 0 and report['noise_effect'] > 0
+  ones = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.ones_like(p) if 'label_embed' in jax.tree_util.keystr(path) else p,
+      state.g.params)
+  ignored = gan.label_report(state.replace(g=state.g.replace(params=ones)), scorer, key(5), per_class=20)
+  confusion = np.array(ignored['confusion'])
+  assert ignored['label_effect'] == 0.0 and (confusion == confusion[0]).all()
+  assert confusion.shape == (3, 3) and confusion.sum() == 60
+  assert ignored['match_rate'] == pytest.approx(np.trace(confusion) / 60)

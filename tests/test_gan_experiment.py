@@ -57,6 +57,12 @@ def test_conditional_gan_reports_label_match(tmp_path, tiny_shapes, classifier_w
                     tiny_shapes, progress=False, log=lambda *a: None)
   assert 0.0 <= results["label_match_rate_last_epoch"] <= 1.0
   assert results["label_match_chance"] == pytest.approx(0.1)
+  # Every class drawn from the same 200 z's: a 10 x 10 confusion matrix.
+  report = results["label_report"]
+  confusion = np.array(report["confusion"])
+  assert confusion.shape == (10, 10) and (confusion.sum(axis=1) == 200).all()
+  assert report["match_rate"] == pytest.approx(np.trace(confusion) / 2000)
+  assert report["noise_effect"] > 0 and report["label_effect"] > 0
 
 
 @pytest.mark.parametrize("overrides,message", [
