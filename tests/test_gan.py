@@ -403,10 +403,28 @@ def test_acgan_class_head_and_its_loss_terms(shapes_batch):
   """The class head's shapes and parameters, and its loss terms against a by-hand cross-entropy."""
   images, labels, num_classes = shapes_batch
   images = small_images(images).mean(-1, keepdims=True)  # (8, 16, 16, 1)
-  plain = Discriminator(base_width=8, num_classes=num_classes)
-  headed = Discriminator(base_width=8, num_classes=num_classes, class_head=True)
-  (logits, class_logits), variables = init_shapes(headed, images, labels)
+  plain = Discriminator(base_width=8, num_classes=num_classes, conditioning='projection')
+  headed = Discriminator(base_width=8, num_classes=num_classes, conditioning='projection',
+                         class_head=True)
+  variables = headed.init(key(), images, labels)
+  logits, class_logits = headed.apply(variables, images, labels)
   assert logits.shape == (8,) and class_logits.shape == (8, num_classes)
+  # The class head sees the image only: another label moves the real/fake logit, not the class logits.
+  other_logits, other_class_logits = headed.apply(variables, images, (labels + 1) % num_classes)
+  np.testing.assert_array_equal(other_class_logits, class_logits)
+  assert not np.allclose(other_logits, logits)
+  with pytest.raises(ConfigError, match="class_head needs conditioning='projection'"):
+    init_shapes(Discriminator(base_width=8, num_classes=num_classes, class_head=True), images, labels)
+  # 'none' (AC-GAN proper): the label reaches D only through the class loss.
+  acgan = Discriminator(base_width=8, num_classes=num_classes, conditioning='none', class_head=True)
+  acgan_variables = acgan.init(key(), images, labels)
+  out = acgan.apply(acgan_variables, images, labels)
+  assert count_params(acgan_variables['params']) == count_params(variables['params']) - sum(
+      p.size for p in jax.tree.leaves(variables['params']['label_embed']))
+  other = acgan.apply(acgan_variables, images, (labels + 1) % num_classes)
+  jax.tree.map(np.testing.assert_array_equal, other, out)
+  with pytest.raises(ConfigError, match="conditioning='none' needs a class_head"):
+    init_shapes(Discriminator(base_width=8, num_classes=num_classes, conditioning='none'), images, labels)
   plain_params = count_params(init_shapes(plain, images, labels)[1]['params'])
   features = 4 * 4 * 16  # 16 -> 8x8x8 -> 4x4x16 (stops at side 4), flattened
   assert count_params(variables['params']) == plain_params + features * num_classes + num_classes
@@ -426,6 +444,9 @@ def test_acgan_class_head_and_its_loss_terms(shapes_batch):
   log_p = class_logits - np.log(np.exp(class_logits).sum(-1, keepdims=True))
   cross_entropy = -log_p[np.arange(8), np.asarray(labels)].mean()
   np.testing.assert_allclose(with_class['d_loss'] - without['d_loss'], 0.5 * cross_entropy, rtol=1e-4)
+  predicted = class_logits.argmax(-1) == np.asarray(labels)
+  assert float(with_class['d_class_acc_real']) == pytest.approx(predicted.mean())
+  assert 0 <= float(with_class['d_class_acc_fake']) <= 1
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.d.params['class_head'],
                        new.d.params['class_head'])
   assert all(jax.tree.leaves(moved))
@@ -474,7 +495,7 @@ def test_projection_discriminator(shapes_batch):
                          'batch_stats': variables['batch_stats']}, images, labels)
   expected = jnp.where(labels == c, bare + 2 * (bare - params['head']['bias'][0]), bare)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ConfigError, match='conditioning must be input or projection'):
+  with pytest.raises(ConfigError, match='conditioning must be one of input, projection, none'):
     Discriminator(base_width=8, num_classes=3, conditioning='both').init(key(), images, labels % 3)
 
 
@@ -504,8 +525,52 @@ def test_multiply_conditioned_generator():
   label_change = jnp.abs(multiply.apply(variables, z, (labels + 1) % num_classes) - out).mean()
   z_change = jnp.abs(multiply.apply(variables, jnp.roll(z, 1, axis=0), labels) - out).mean()
   assert float(label_change) > 0.8 * float(z_change)  # 1.02 here; 0.46 with concat
-  with pytest.raises(ConfigError, match='conditioning must be concat or multiply'):
+  with pytest.raises(ConfigError, match="conditioning must be one of concat, multiply, batchnorm"):
     Generator(image_shape=(16, 16, 1), base_width=8, num_classes=3, conditioning='both')
+
+
+def test_batchnorm_conditioned_generator():
+  """'batchnorm': every BatchNorm's scale and offset become per-class tables.
+  Tiled with an unconditional generator's own scale and bias, it computes that
+  generator exactly (train and eval mode); a changed row changes only the
+  images of that class."""
+  num_classes = 4
+  z = jax.random.normal(key(), (6, Z))
+  labels = jnp.array([0, 1, 2, 3, 0, 2], jnp.int32)
+  unconditional = Generator(image_shape=(16, 16, 1), base_width=8)
+  conditional = Generator(image_shape=(16, 16, 1), base_width=8, num_classes=num_classes,
+                          conditioning='batchnorm')
+  plain = unconditional.init(key(1), z)
+  variables = conditional.init(key(2), z, labels)
+  decoder = dict(plain['params']['decoder'])
+  stats = dict(plain['batch_stats']['decoder'])
+  norms = [name for name in decoder if 'bn' in name]
+  assert sorted(norms) == sorted(variables['batch_stats']['decoder']) and len(norms) == 2
+  for name in norms:  # the plain BatchNorm's (C,) scale and bias, tiled to (K, C) tables
+    table = variables['params']['decoder'][name]
+    assert table['scale']['embedding'].shape == (num_classes,) + decoder[name]['scale'].shape
+    decoder[name] = {'scale': {'embedding': jnp.tile(decoder[name]['scale'], (num_classes, 1))},
+                     'offset': {'embedding': jnp.tile(decoder[name]['bias'], (num_classes, 1))}}
+    stats[name] = {'norm': stats[name]}
+  tiled = {'params': {'decoder': decoder}, 'batch_stats': {'decoder': stats}}
+  assert jax.tree.map(np.shape, tiled) == jax.tree.map(np.shape, variables)
+  np.testing.assert_allclose(conditional.apply(tiled, z, labels), unconditional.apply(plain, z),
+                             rtol=1e-6, atol=1e-6)
+  (out, new_stats), (expected, expected_stats) = (
+      conditional.apply(tiled, z, labels, train=True, mutable=['batch_stats']),
+      unconditional.apply(plain, z, train=True, mutable=['batch_stats']))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_stats['batch_stats']['decoder']['bn1']['norm']['var'],
+                             expected_stats['batch_stats']['decoder']['bn1']['var'], rtol=1e-5)
+  # Class 2's row of the first scale table doubled: only the label-2 images change (eval mode).
+  scale = decoder['project_bn']['scale']['embedding']
+  edited = dict(decoder, project_bn=dict(decoder['project_bn'],
+                                          scale={'embedding': scale.at[2].multiply(2.0)}))
+  changed = np.abs(np.asarray(conditional.apply(tiled, z, labels) - conditional.apply(
+      {'params': {'decoder': edited}, 'batch_stats': {'decoder': stats}}, z, labels))).max(axis=(1, 2, 3))
+  np.testing.assert_array_equal(changed > 0, np.asarray(labels) == 2)  # (tiny: N(0, 0.02) kernels)
+  with pytest.raises(ConfigError, match='decoder with num_classes=4 needs labels'):
+    Decoder(image_shape=(16, 16, 1), base_width=8, num_classes=4).init(key(), z)
 
 
 def test_label_report_sees_an_ignored_label():

@@ -71,7 +71,11 @@ def test_conditional_gan_reports_label_match(tmp_path, tiny_shapes, classifier_w
     (dict(num_eval=1), "num_eval must be >= 2"),
     (dict(batch_size=1000), "batch_size 1000 is larger than the training set"),
     (dict(classifier_workdir="/nonexistent/run"), "holds no experiments.cifar run"),
-    (dict(g_conditioning="both"), "g_conditioning must be concat or multiply, got 'both'"),
+    (dict(g_conditioning="both"), "g_conditioning must be one of concat, multiply, batchnorm, got 'both'"),
+    (dict(conditional=True, class_loss_weight=1.0, d_conditioning="input"),
+     "class_loss_weight > 0 needs --d_conditioning=projection"),
+    (dict(conditional=True, class_loss_weight=0.0, d_conditioning="none"),
+     "--d_conditioning=none needs class_loss_weight > 0"),
 ])
 def test_bad_gan_input_is_a_config_error(tmp_path, tiny_shapes, overrides, message):
   with pytest.raises(ConfigError, match=message):
@@ -94,6 +98,13 @@ def test_sequences_and_other_runs_are_refused(tmp_path, tiny_shapes):
   (tmp_path / "gan" / "config.json").write_text(json.dumps(older))
   with pytest.raises(ConfigError, match="holds a GAN run with g_conditioning='concat', not 'multiply'"):
     gan.fit(config(tmp_path, conditional=True, g_conditioning="multiply"), tiny_shapes,
+            progress=False, log=lambda *a: None)
+  # A class head is in D only with a positive class loss weight.
+  without_head = dict(conditional=True, d_conditioning="projection", class_loss_weight=0.0)
+  (tmp_path / "gan" / "config.json").write_text(json.dumps(
+      dataclasses.asdict(config(tmp_path, **without_head))))
+  with pytest.raises(ConfigError, match="holds a GAN run with class_loss_weight=0.0, not 1.0"):
+    gan.fit(config(tmp_path, **dict(without_head, class_loss_weight=1.0)), tiny_shapes,
             progress=False, log=lambda *a: None)
 
 

@@ -31,8 +31,10 @@ N(0, 0.02) and BatchNorm scales from N(1, 0.02), as the paper says; BatchNorm
 momentum 0.9 and epsilon 1e-5 are PyTorch's defaults (momentum 0.1 there).
 
 Class conditioning (num_classes > 0): the generator concatenates the one-hot
-label to z; the discriminator concatenates one-hot label channels, broadcast
-over the image, to its input (the conditional GAN of Mirza & Osindero 2014).
+label to z (or multiplies z by a label embedding, or looks up per-class
+BatchNorm scales and offsets); the discriminator concatenates one-hot label
+channels, broadcast over the image, to its input (the conditional GAN of
+Mirza & Osindero 2014), or projects its last features on a label embedding.
 """
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -46,6 +48,8 @@ from jdl.models.layers import Conv, ConvTranspose2x
 
 KERNEL_INIT = nn.initializers.normal(0.02)  # DCGAN: all weights from N(0, 0.02)
 MIN_BASE = 3  # smallest side of the decoder's first feature map
+GENERATOR_CONDITIONING = ('concat', 'multiply', 'batchnorm')  # see Generator
+DISCRIMINATOR_CONDITIONING = ('input', 'projection', 'none')  # see Discriminator
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
@@ -56,6 +60,36 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
 def _batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       scale_init=_bn_scale_init, dtype=dtype, name=name)
+
+
+class ClassBatchNorm(nn.Module):
+  """BatchNorm whose scale and offset are looked up per class label.
+
+  Conditional BatchNorm (de Vries et al. 2017), the generator's conditioning in
+  Miyato & Koyama 2018 and BigGAN: normalise with the batch statistics (running
+  averages in eval mode) as `_batch_norm` does, then x * scale[label] +
+  offset[label], so the label acts on every feature map of every layer. Scales
+  start from N(1, 0.02) and offsets from 0, as a plain DCGAN BatchNorm does.
+
+  Arguments:
+    num_classes: rows of the 'scale' and 'offset' tables (num_classes x C).
+    train: use and update batch statistics (apply with mutable=['batch_stats']).
+  """
+  num_classes: int
+  train: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, labels):
+    """x (B, ..., C), labels (B,) int -> (B, ..., C)."""
+    x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                     use_scale=False, use_bias=False, dtype=self.dtype, name='norm')(x)
+    features = x.shape[-1]
+    scale = nn.Embed(self.num_classes, features, embedding_init=_bn_scale_init, name='scale')(labels)
+    offset = nn.Embed(self.num_classes, features, embedding_init=nn.initializers.zeros,
+                      name='offset')(labels)  # (B, C) each
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (features,)
+    return x * scale.reshape(shape).astype(x.dtype) + offset.reshape(shape).astype(x.dtype)
 
 
 # ------------------------------------------------------------------ sizes
@@ -155,6 +189,8 @@ class Decoder(nn.Module):
     activation: hidden activation name.
     output_activation: 'tanh' (images in [-1, 1]), 'sigmoid' ([0, 1]) or
       'linear' (any registered activation name works).
+    num_classes: 0, or the number of labels of a class-conditional decoder
+      (every BatchNorm becomes a `ClassBatchNorm`).
     dtype: compute dtype; parameters stay float32, images come back float32.
   """
   image_shape: Sequence[int] = (32, 32, 3)
@@ -162,6 +198,7 @@ class Decoder(nn.Module):
   kernel_size: int = 4
   activation: str = 'relu'
   output_activation: str = 'tanh'
+  num_classes: int = 0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -171,27 +208,38 @@ class Decoder(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, z, *, train: bool = False):
+  def __call__(self, z, labels: Optional[jax.Array] = None, *, train: bool = False):
     """Returns images (B, H, W, C) float32.
 
     Arguments:
       z: (B, Z) latent vectors, or (B, h, w, C') feature maps (flattened first).
+      labels: (B,) int class labels, iff num_classes > 0: every BatchNorm is
+        then a `ClassBatchNorm` (class-conditional scale and offset).
       train: BatchNorm uses batch statistics and updates 'batch_stats'
         (apply with mutable=['batch_stats']).
     """
     base_h, base_w, n = upsampling_plan(self.image_shape, self.base_width)
     act = activations.get(self.activation)
+    if bool(self.num_classes) != (labels is not None):
+      raise ConfigError(f'decoder with num_classes={self.num_classes} '
+                        + ('needs labels' if self.num_classes else 'takes no labels'))
+
+    def batch_norm(x, name):
+      if self.num_classes:
+        return ClassBatchNorm(self.num_classes, train, self.dtype, name=name)(x, labels)
+      return _batch_norm(train, self.dtype, name)(x)
+
     x = z.reshape(z.shape[0], -1).astype(self.dtype)  # (B, Z)
     x = nn.Dense(base_h * base_w * self.base_width, use_bias=False, kernel_init=KERNEL_INIT,
                  dtype=self.dtype, name='project')(x)
     x = x.reshape(-1, base_h, base_w, self.base_width)  # (B, h, w, base_width)
-    x = act(_batch_norm(train, self.dtype, 'project_bn')(x))
+    x = act(batch_norm(x, 'project_bn'))
     for i in range(1, n):
       # ConvTranspose2x: nn.ConvTranspose(k, stride 2, SAME) with a faster gradient on CPU.
       x = ConvTranspose2x(self.base_width // 2 ** i, self.kernel_size, use_bias=False,
                           kernel_init=KERNEL_INIT, dtype=self.dtype,
                           name=f'deconv{i}')(x)  # (B, h * 2**i, w * 2**i, base_width / 2**i)
-      x = act(_batch_norm(train, self.dtype, f'bn{i}')(x))
+      x = act(batch_norm(x, f'bn{i}'))
     x = ConvTranspose2x(self.image_shape[-1], self.kernel_size, kernel_init=KERNEL_INIT,
                         dtype=self.dtype, name=f'deconv{n}')(x)  # (B, H, W, C)
     return activations.get(self.output_activation)(x.astype(jnp.float32))
@@ -212,7 +260,9 @@ class Generator(nn.Module):
       depends on the label (as in the PyTorch-GAN cGAN). On shapes_plain the
       label moves a 'multiply' generator's images ~6x more than a 'concat'
       one's, but the classifier's label match after 40 epochs was the same
-      (BUILD_NOTES.md, issue 5).
+      (BUILD_NOTES.md, issue 5). 'batchnorm': z alone enters, and every
+      BatchNorm of the decoder has a scale and offset per class
+      (`ClassBatchNorm`, as in Miyato & Koyama 2018 and BigGAN).
     kernel_size: transposed-conv kernel side.
     dtype: compute dtype; parameters stay float32, images come back float32.
   """
@@ -225,8 +275,9 @@ class Generator(nn.Module):
 
   def __post_init__(self):
     upsampling_plan(self.image_shape, self.base_width)  # ConfigError at construction
-    if self.conditioning not in ('concat', 'multiply'):
-      raise ConfigError(f"generator conditioning must be concat or multiply, got {self.conditioning!r}")
+    if self.conditioning not in GENERATOR_CONDITIONING:
+      raise ConfigError(f"generator conditioning must be one of {', '.join(GENERATOR_CONDITIONING)}, "
+                        f"got {self.conditioning!r}")
     super().__post_init__()
 
   @nn.compact
@@ -239,6 +290,7 @@ class Generator(nn.Module):
       train: BatchNorm uses batch statistics (apply with mutable=['batch_stats']).
     """
     z = z.astype(jnp.float32)
+    decoder_labels = None  # labels reach the decoder's BatchNorms only for 'batchnorm'
     if self.num_classes:
       if labels is None:
         raise ConfigError(f'conditional generator (num_classes={self.num_classes}) needs labels')
@@ -246,13 +298,16 @@ class Generator(nn.Module):
         embed = nn.Embed(self.num_classes, z.shape[-1], embedding_init=nn.initializers.normal(1.0),
                          name='label_embed')
         z = z * embed(labels)  # (B, Z)
+      elif self.conditioning == 'batchnorm':
+        decoder_labels = labels
       else:
         z = jnp.concatenate([z, jax.nn.one_hot(labels, self.num_classes)], axis=-1)  # (B, Z + K)
     elif labels is not None:
       raise ConfigError('unconditional generator (num_classes=0) takes no labels')
     return Decoder(image_shape=tuple(self.image_shape), base_width=self.base_width,
                    kernel_size=self.kernel_size, activation='relu', output_activation='tanh',
-                   dtype=self.dtype, name='decoder')(z, train=train)
+                   num_classes=self.num_classes if decoder_labels is not None else 0,
+                   dtype=self.dtype, name='decoder')(z, decoder_labels, train=train)
 
 
 class Discriminator(nn.Module):
@@ -271,8 +326,13 @@ class Discriminator(nn.Module):
       'projection': the logit gains <embed(label), features> on the flattened
       last features (Miyato & Koyama 2018), so the label meets what D has
       recognised instead of raw pixels.
+      'none': D's real/fake logit ignores the label, which matters only
+      through the class head: the AC-GAN of Odena et al. 2017 (needs
+      class_head).
     class_head: also return class logits (B, num_classes) from a second Dense
       on the same features (AC-GAN's auxiliary classifier, Odena et al. 2017).
+      Needs 'projection' or 'none' conditioning, whose features are the
+      image's alone.
     negative_slope: of the LeakyReLU.
     dtype: compute dtype; parameters stay float32, logits come back float32.
   """
@@ -296,8 +356,16 @@ class Discriminator(nn.Module):
     x = images.astype(self.dtype)
     if self.class_head and not self.num_classes:
       raise ConfigError('a class_head needs num_classes > 0')
-    if self.conditioning not in ('input', 'projection'):
-      raise ConfigError(f"conditioning must be input or projection, got {self.conditioning!r}")
+    if self.conditioning not in DISCRIMINATOR_CONDITIONING:
+      raise ConfigError(f"conditioning must be one of {', '.join(DISCRIMINATOR_CONDITIONING)}, "
+                        f"got {self.conditioning!r}")
+    if self.class_head and self.conditioning == 'input':
+      # Measured: such a head labels fakes right 100% of the time from the first
+      # epoch, so G's class loss teaches it nothing (BUILD_NOTES.md, issue 5).
+      raise ConfigError("a class_head needs conditioning='projection' or 'none': with 'input' "
+                        "label channels it reads the label off its input instead of the image")
+    if self.num_classes and self.conditioning == 'none' and not self.class_head:
+      raise ConfigError("conditioning='none' needs a class_head: else D never uses the label")
     if self.num_classes and labels is None:
       raise ConfigError(f'conditional discriminator (num_classes={self.num_classes}) needs labels')
     if self.num_classes and self.conditioning == 'input':
