@@ -145,7 +145,8 @@ def _split_logits(out):
 
 
 def gan_train_step(state: GANState, real_images, labels, rng, real_label: float = 1.0,
-                   class_weight: float = 0.0) -> Tuple[GANState, Dict[str, jax.Array]]:
+                   class_weight: float = 0.0, d_augment: bool = False
+                   ) -> Tuple[GANState, Dict[str, jax.Array]]:
   """One GAN update: the discriminator, then the generator. Pure: jit it.
 
   One batch of z ~ N(0, 1) is drawn; G(z) is computed once, in train mode.
@@ -171,6 +172,10 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
       images' labels, and G class_weight * cross-entropy of D's class logits
       on its fakes against the labels they were made for. (Real images only
       for D's term: classifying fakes would teach D nothing about the classes.)
+    d_augment: DiffAugment (Zhao et al. 2020): every image D sees, real or
+      fake, in both updates, is first shifted by up to 1/8 of its side (zero
+      fill), differentiably, so G's gradient flows through the shift. Keeps D
+      from memorising a small training set (static).
   Returns:
     (new state, metrics): d_loss, g_loss, d_real = mean sigmoid(D(x)),
     d_fake = mean sigmoid(D(G(z))) before D's update, d_grad_norm, g_grad_norm,
@@ -181,13 +186,22 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
   g, d = state.g, state.d
   extra = _label_args(labels, state.num_classes)
   z = jax.random.normal(rng, (real_images.shape[0], state.latent_dim), jnp.float32)  # (B, Z)
+  pad = max(1, max(real_images.shape[1:3]) // 8)  # pixels: 4 for 32x32 (DiffAugment's 1/8)
+
+  def seen_by_d(images, stream: int):
+    """The images as D sees them: augmented (own key per stream) or as they are."""
+    if not d_augment:
+      return images
+    # No flips: D would accept mirrored fakes (a mirrored digit is not a digit).
+    return pipeline.random_translate(jax.random.fold_in(rng, stream), images, pad)
+
   fake, g_vjp, g_stats = jax.vjp(
       lambda params: _apply_train(g, params, g.batch_stats, z, *extra), g.params, has_aux=True)
 
   # Discriminator: real -> 1, fake -> 0; G is held fixed.
   def d_loss_fn(params):
-    real_out, stats = _apply_train(d, params, d.batch_stats, real_images, *extra)
-    fake_out, stats = _apply_train(d, params, stats, jax.lax.stop_gradient(fake), *extra)
+    real_out, stats = _apply_train(d, params, d.batch_stats, seen_by_d(real_images, 1), *extra)
+    fake_out, stats = _apply_train(d, params, stats, seen_by_d(jax.lax.stop_gradient(fake), 2), *extra)
     (real_logits, real_classes), (fake_logits, _) = _split_logits(real_out), _split_logits(fake_out)
     loss = (optax.sigmoid_binary_cross_entropy(real_logits, jnp.full_like(real_logits, real_label)).mean()
             + optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean())
@@ -202,7 +216,7 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
 
   # Generator: -log D(G(z)) against the new D, backpropagated through G's pass.
   def g_loss_fn(images):
-    out, _ = _apply_train(d, d.params, d.batch_stats, images, *extra)
+    out, _ = _apply_train(d, d.params, d.batch_stats, seen_by_d(images, 3), *extra)
     logits, classes = _split_logits(out)
     loss = optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)).mean()
     if classes is not None:
@@ -358,16 +372,18 @@ class GANConfig:
   download: bool = option(True, "allow TFDS to download and prepare a dataset that is not there")
   num_train: int = option(0, "training images: shapes generates this many, TFDS keeps the first N (0: default/all)")
   conditional: bool = option(False, "condition both networks on the class label")
-  d_conditioning: str = option("input", "conditional only: how D sees the label: input (one-hot "
+  d_conditioning: str = option("projection", "conditional only: how D sees the label: input (one-hot "
                                          "channels on the image), none (only through the AC-GAN class "
                                          "head) or projection (label embedding dotted "
                                          "with D's last features, Miyato & Koyama 2018)")
   g_conditioning: str = option("concat", "conditional only: how G sees the label: concat (one-hot "
                                          "appended to z), multiply (z times a learned label embedding) or "
                                          "batchnorm (a BatchNorm scale and offset per class in every layer)")
-  class_loss_weight: float = option(0.0, "conditional only: weight of an AC-GAN auxiliary class loss "
+  class_loss_weight: float = option(1.0, "conditional only: weight of an AC-GAN auxiliary class loss "
                                          "(D's extra head classifies real images; G is rewarded when it "
-                                         "classifies a fake as the class asked for); 0: label input only")
+                                         "classifies a fake as the class asked for); 0: no class head")
+  d_augment: bool = option(True, "DiffAugment: D sees every real and fake image randomly shifted "
+                                  "(up to 1/8 of the side), differentiably")
   latent_dim: int = option(100, "width of the generator's input noise z ~ N(0, 1)")
   g_width: int = option(128, "generator: channels of the first feature map, halved per up-sampling")
   d_width: int = option(32, "discriminator: channels of the first convolution, doubled per down-sampling")
@@ -629,7 +645,7 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
                                                      config.batch_size)
     state, metrics = gan_train_step(state, to_unit_range(batch_images), batch_labels,
                                     jax.random.fold_in(step_key, state.step), config.real_label,
-                                    config.class_loss_weight)
+                                    config.class_loss_weight, config.d_augment)
     status = metrics.pop("status")
     bad = status > 0  # a skipped step's metrics stay out of the sums; it is counted
     sums = {k: sums[k] + (bad.astype(jnp.float32) if k == "skipped" else jnp.where(bad, 0.0, metrics[k]))

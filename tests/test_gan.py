@@ -274,10 +274,17 @@ def test_gan_train_steps_unconditional(shapes_batch, uncond_state):
   assert float(samples.std()) > 0
 
 
-def test_gan_train_step_gradients_match_reference(shapes_batch, uncond_state):
-  """With SGD(LR), each update is -LR * the gradient of the loss written out directly."""
+@pytest.mark.parametrize('d_augment', [False, True])
+def test_gan_train_step_gradients_match_reference(shapes_batch, uncond_state, d_augment):
+  """With SGD(LR), each update is -LR * the gradient of the loss written out directly.
+  With d_augment, D sees every image shifted by up to 16 / 8 = 2 pixels, and G's
+  gradient flows back through the shift of its fakes."""
+  from jdl.data.pipeline import random_translate
   images, rng, state = small_images(shapes_batch[0]), key(3), uncond_state
-  new, metrics = jax.jit(gan.gan_train_step)(state, images, None, rng)
+  new, metrics = jax.jit(gan.gan_train_step, static_argnames='d_augment')(
+      state, images, None, rng, d_augment=d_augment)
+  see = ((lambda x, stream: random_translate(jax.random.fold_in(rng, stream), x, 2))
+         if d_augment else (lambda x, stream: x))
   g_mod = Generator(image_shape=SMALL, base_width=16)
   d_mod = Discriminator(base_width=8)
   bce = optax.sigmoid_binary_cross_entropy
@@ -295,11 +302,11 @@ def test_gan_train_step_gradients_match_reference(shapes_batch, uncond_state):
   def reference(state, d_new_params):
     fake = g_apply(state.g.params, state.g.batch_stats)
     def d_loss(p):
-      real_logits, upd = d_apply(p, state.d.batch_stats, images)
-      fake_logits, _ = d_apply(p, upd['batch_stats'], fake)
+      real_logits, upd = d_apply(p, state.d.batch_stats, see(images, 1))
+      fake_logits, _ = d_apply(p, upd['batch_stats'], see(fake, 2))
       return bce(real_logits, 1.0).mean() + bce(fake_logits, 0.0).mean()
     def g_loss(p):  # -log D(G(z)) with the updated discriminator
-      logits, _ = d_apply(d_new_params, state.d.batch_stats, g_apply(p, state.g.batch_stats))
+      logits, _ = d_apply(d_new_params, state.d.batch_stats, see(g_apply(p, state.g.batch_stats), 3))
       return jnp.mean(jax.nn.softplus(-logits))
     return (jax.value_and_grad(d_loss)(state.d.params),
             jax.value_and_grad(g_loss)(state.g.params))
