@@ -180,8 +180,9 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
     (new state, metrics): d_loss, g_loss, d_real = mean sigmoid(D(x)),
     d_fake = mean sigmoid(D(G(z))) before D's update, d_grad_norm, g_grad_norm,
     with a class head d_class_acc_real and d_class_acc_fake (the fraction of
-    real images and fakes its class head labels as their label), and status (int32: 0 good, 1 non-finite loss, 2 non-finite gradients; a
-    bad step is not applied).
+    real images and of fakes its class head gives their label), and status
+    (int32: 0 good, 1 non-finite loss, 2 non-finite gradients; a bad step is
+    not applied).
   """
   g, d = state.g, state.d
   extra = _label_args(labels, state.num_classes)

@@ -63,6 +63,9 @@ def test_conditional_gan_reports_label_match(tmp_path, tiny_shapes, classifier_w
   assert confusion.shape == (10, 10) and (confusion.sum(axis=1) == 200).all()
   assert report["match_rate"] == pytest.approx(np.trace(confusion) / 2000)
   assert report["noise_effect"] > 0 and report["label_effect"] > 0
+  # The conditional defaults: an AC-GAN class head, whose accuracies are logged.
+  row = json.loads((tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert 0 <= row["d_class_acc_real"] <= 1 and 0 <= row["d_class_acc_fake"] <= 1
 
 
 @pytest.mark.parametrize("overrides,message", [
