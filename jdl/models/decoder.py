@@ -57,9 +57,11 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
-def _batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
+def _batch_norm(train: bool, dtype, name: str, affine: bool = True) -> nn.BatchNorm:
+  """DCGAN's BatchNorm; affine=False leaves out its own scale and offset."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      scale_init=_bn_scale_init, dtype=dtype, name=name)
+                      use_scale=affine, use_bias=affine, scale_init=_bn_scale_init,
+                      dtype=dtype, name=name)
 
 
 class ClassBatchNorm(nn.Module):
@@ -82,8 +84,7 @@ class ClassBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, labels):
     """x (B, ..., C), labels (B,) int -> (B, ..., C)."""
-    x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-                     use_scale=False, use_bias=False, dtype=self.dtype, name='norm')(x)
+    x = _batch_norm(self.train, self.dtype, 'norm', affine=False)(x)
     features = x.shape[-1]
     scale = nn.Embed(self.num_classes, features, embedding_init=_bn_scale_init, name='scale')(labels)
     offset = nn.Embed(self.num_classes, features, embedding_init=nn.initializers.zeros,
