@@ -20,6 +20,8 @@ flags.DEFINE_string("precision", "float32", "compute dtype: float32 or bfloat16"
 flags.DEFINE_integer("steps", 20, "timed calls")
 flags.DEFINE_integer("warmup", 3, "untimed calls after compiling")
 flags.DEFINE_integer("steps_per_call", 1, "training steps per host call, in one lax.scan")
+flags.DEFINE_string("rnn_implementation", None,
+                    "lstm: scan (default) or cudnn (the cuDNN kernel, CUDA GPU, float32)")
 flags.DEFINE_string("compare", "", "'torch': time the same architecture in PyTorch in the same run")
 flags.DEFINE_boolean("json", False, "print one JSON object instead of a table")
 FLAGS = flags.FLAGS
@@ -31,7 +33,8 @@ def main(argv):
     raise ConfigError(f"--compare must be torch or empty, got {FLAGS.compare!r}")
   result = benchmark.benchmark(FLAGS.model, batch_size=FLAGS.batch_size, precision=FLAGS.precision,
                                steps=FLAGS.steps, warmup=FLAGS.warmup,
-                               steps_per_call=FLAGS.steps_per_call)
+                               steps_per_call=FLAGS.steps_per_call,
+                               rnn_implementation=FLAGS.rnn_implementation)
   if FLAGS.compare:
     torch_result = benchmark.benchmark_torch(FLAGS.model, batch_size=FLAGS.batch_size,
                                              precision=FLAGS.precision, steps=FLAGS.steps,

@@ -75,13 +75,16 @@ def model_names():
   return sorted(MODELS.names()) + ["dcgan"]
 
 
-def _classifier_step(name: str, batch_size: int, precision: str, seed: int = 0):
+def _classifier_step(name: str, batch_size: int, precision: str, seed: int = 0,
+                     rnn_implementation: Optional[str] = None):
   """(jittable fn(state, key) -> (state, loss), state, example shape) for a classifier."""
   settings = DEFAULTS.get(name, IMAGE_DEFAULT)
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
   overrides = {"num_classes": 10, "dtype": dtype}
   if name in ("lstm", "gru", "rnn"):
     overrides["hidden_size"] = 128
+  if rnn_implementation is not None:
+    overrides["implementation"] = rnn_implementation
   model = build_model(name, **overrides)
   shape = settings["shape"]
   tx = optim.make_optimizer(settings["optimizer"], settings["learning_rate"])
@@ -119,7 +122,8 @@ def _dcgan_step(batch_size: int, precision: str, seed: int = 0):
 
 
 def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", steps: int = 20,
-              warmup: int = 3, steps_per_call: int = 1, seed: int = 0) -> Dict:
+              warmup: int = 3, steps_per_call: int = 1, seed: int = 0,
+              rnn_implementation: Optional[str] = None) -> Dict:
   """Times the training step of `model`; returns the figures described above.
 
   Arguments:
@@ -130,6 +134,8 @@ def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", 
     warmup: untimed calls after compiling.
     steps_per_call: K steps per call, in one `lax.scan`.
     seed: of the synthetic data and initialisation.
+    rnn_implementation: recurrent models: 'scan' or 'cudnn' (lstm on a CUDA
+      GPU); None keeps the model's default ('scan').
   """
   if model not in model_names():
     raise ConfigError(f"unknown model {model!r}; choose one of: {', '.join(model_names())}")
@@ -140,10 +146,18 @@ def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", 
       raise ConfigError(f"{name} must be >= 1, got {value}")
   if warmup < 0:
     raise ConfigError(f"warmup must be >= 0, got {warmup}")
+  if rnn_implementation is not None:
+    if model not in ("lstm", "gru", "rnn"):
+      raise ConfigError(f"rnn_implementation does not apply to model {model!r} (it is not recurrent)")
+    from jdl.models import rnn
+    rnn.check_implementation(rnn_implementation, model, jnp.dtype(precision))
+    if rnn_implementation == "cudnn":
+      rnn.check_cudnn_backend()
   if model == "dcgan":
     step, state, num_params = _dcgan_step(batch_size, precision, seed)
   else:
-    step, state, num_params = _classifier_step(model, batch_size, precision, seed)
+    step, state, num_params = _classifier_step(model, batch_size, precision, seed,
+                                               rnn_implementation)
 
   # K = 1: the step itself. K > 1: a scan, fully unrolled on CPU, where XLA
   # runs a step inside a while loop ~6x slower (cnn: 1.08 s vs 0.17 s per step
@@ -192,6 +206,7 @@ def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", 
   return {
       "framework": "jdl",
       "model": model,
+      "rnn_implementation": rnn_implementation,
       "batch_size": batch_size,
       "precision": precision,
       "steps_per_call": steps_per_call,

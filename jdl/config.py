@@ -49,6 +49,7 @@ class TrainConfig:
   hidden_size: Optional[int] = option(None, "recurrent models: units per layer and direction (model default if unset)")
   num_layers: Optional[int] = option(None, "recurrent models: stacked layers (model default if unset)")
   bidirectional: Optional[bool] = option(None, "recurrent models: also read the sequence backwards (model default if unset)")
+  rnn_implementation: Optional[str] = option(None, "lstm models: scan (any backend) or cudnn (the cuDNN kernel: CUDA GPU, float32) (model default if unset)")
   precision: str = option("float32", "compute dtype: float32 or bfloat16 (parameters stay float32)")
   # --- optimisation ---
   optimizer: str = option("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
@@ -150,6 +151,16 @@ def validate(config: TrainConfig) -> None:
   for name in ("activation", "dropout", "hidden_size", "num_layers", "bidirectional"):
     if getattr(config, name) is not None and name not in fields:
       raise ConfigError(f"--{name} does not apply to model {config.model!r} (it has no {name})")
+  if config.rnn_implementation is not None:
+    if "implementation" not in fields:
+      raise ConfigError(f"--rnn_implementation does not apply to model {config.model!r} "
+                        "(it is not recurrent)")
+    from jdl.models import rnn
+    cell = models.build_model(config.model).cell
+    dtype = "bfloat16" if config.precision == "bfloat16" else "float32"
+    rnn.check_implementation(config.rnn_implementation, cell, dtype)
+    if config.rnn_implementation == "cudnn":
+      rnn.check_cudnn_backend()
 
   def check(ok, message):
     if not ok:

@@ -36,6 +36,7 @@ from jdl import checkpoint, optim
 from jdl.config import make_writable_dir, option
 from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted
 from jdl.logs import MetricWriter, write_json
+from jdl.models import rnn
 from jdl.models.rnn import LanguageModel
 from jdl.plots import plot_learning_curves
 from jdl.summary import summarize
@@ -59,6 +60,7 @@ class TextConfig:
   hidden_size: int = option(256, "LSTM units per layer")
   num_layers: int = option(2, "stacked LSTM layers")
   dropout: float = option(0.1, "dropout between layers and before the head, in [0, 1)")
+  rnn_implementation: str = option("scan", "scan (any backend) or cudnn (the cuDNN LSTM kernel: CUDA GPU)")
   # --- optimisation ---
   optimizer: str = option("adam", "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw")
   learning_rate: float = option(3e-3, "peak learning rate, per step")
@@ -99,6 +101,9 @@ def validate(config: TextConfig) -> None:
                "log_every", "sample_length", "keep_checkpoints"):
     check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
   check(config.steps >= 0, f"steps must be >= 0, got {config.steps}")
+  rnn.check_implementation(config.rnn_implementation, "lstm")
+  if config.rnn_implementation == "cudnn":
+    rnn.check_cudnn_backend()
   check(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
   check(0.0 < config.validation_fraction < 1.0,
         f"validation_fraction must be in (0, 1), got {config.validation_fraction}")
@@ -225,7 +230,7 @@ def bigram_bits_per_char(train: np.ndarray, val: np.ndarray, vocab_size: int,
 def build_model(config: TextConfig, vocab_size: int) -> LanguageModel:
   return LanguageModel(vocab_size=vocab_size, embed_dim=config.embed_dim,
                        hidden_size=config.hidden_size, num_layers=config.num_layers,
-                       dropout=config.dropout)
+                       dropout=config.dropout, implementation=config.rnn_implementation)
 
 
 def create_state(model: LanguageModel, config: TextConfig, key) -> train_state.TrainState:
@@ -420,6 +425,9 @@ def _restore_for_sampling(config: TextConfig):
   except (OSError, ValueError, TypeError, KeyError):
     raise ConfigError(f"{workdir} holds no trained text model (config.json and vocab.json); "
                       "train one first: python -m experiments.text --workdir=" + workdir) from None
+  # The implementation is how to run, not what was learned: the parameters are
+  # the same, so a model trained with cudnn on a GPU samples with scan on a CPU.
+  trained = dataclasses.replace(trained, rnn_implementation=config.rnn_implementation)
   model = build_model(trained, len(vocab))
   state = create_state(model, trained, jax.random.key(0))
   ckpts = checkpoint.Checkpoints(workdir)

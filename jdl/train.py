@@ -70,6 +70,8 @@ def build_classifier(config: TrainConfig, num_classes: int):
   for name in ("dropout", "hidden_size", "num_layers", "bidirectional"):
     if getattr(config, name) is not None:
       overrides[name] = getattr(config, name)
+  if config.rnn_implementation is not None:
+    overrides["implementation"] = config.rnn_implementation
   return build_model(config.model, **overrides)
 
 

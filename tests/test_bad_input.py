@@ -49,6 +49,11 @@ CASES = [
     (["--early_stopping_patience=2", "--validation_fraction=0"], "early_stopping_patience needs a validation split"),
     (["--model=resnet20", "--dropout=0.3"], "--dropout does not apply to model 'resnet20'"),
     (["--num_layers=2"], "--num_layers does not apply to model 'cnn'"),
+    (["--rnn_implementation=cudnn"], "--rnn_implementation does not apply to model 'cnn'"),
+    (["--model=gru", "--rnn_implementation=cudnn"], "rnn implementation 'cudnn' runs only the lstm cell"),
+    (["--model=lstm", "--rnn_implementation=fused"], "unknown rnn implementation 'fused'"),
+    (["--model=lstm", "--rnn_implementation=cudnn", "--precision=bfloat16"],
+     "rnn implementation 'cudnn' computes in float32 only, not bfloat16"),
     (["--augment", "--dataset=mnist1d", "--model=cnn1d"], "--augment needs images (H, W, C); mnist1d"),
     # Malformed command lines.
     (["--epochs=ten"], "flag --epochs=ten: invalid literal for int()"),

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jdl import benchmark
@@ -42,6 +43,13 @@ def test_bad_benchmark_input():
     benchmark.benchmark("cnn", precision="float16")
   with pytest.raises(ConfigError, match="steps_per_call must be >= 1"):
     benchmark.benchmark("cnn", steps_per_call=0)
+  with pytest.raises(ConfigError, match="does not apply to model 'cnn'"):
+    benchmark.benchmark("cnn", rnn_implementation="cudnn")
+  with pytest.raises(ConfigError, match="runs only the lstm cell, not 'gru'"):
+    benchmark.benchmark("gru", rnn_implementation="cudnn")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+      benchmark.benchmark("lstm", rnn_implementation="cudnn")
 
 
 def test_benchmark_entrypoint_json():

@@ -504,3 +504,89 @@ def test_classifier_shapes_and_dtypes():
                           lengths=[T, 3])
   np.testing.assert_allclose(np.asarray(features['sequence'], np.float64), want_out,
                              atol=5e-2, rtol=0)
+
+
+# ---------------------------------------------------------------- cuDNN LSTM
+# jax.experimental.rnn.lstm runs only on a CUDA GPU. On CPU its pure-JAX
+# reference, lstm_ref, stands in for the kernel: jax's own tests check the
+# kernel against it on the same flat weights, so equal results here mean the
+# packing, gate order, reversal and lengths are right.
+
+
+def cudnn_by_reference(x, weights, lengths, hidden_size):
+  from jax.experimental import rnn as cudnn_rnn
+  batch, _, features = x.shape
+  w_ih, w_hh, b_ih, b_hh = cudnn_rnn.unpack_lstm_weights(weights, features, hidden_size, 1, False)
+  zeros = jnp.zeros((1, batch, hidden_size))
+  ys, h, c = cudnn_rnn.lstm_ref(x, zeros, zeros, w_ih, w_hh, b_ih, b_hh, lengths, features,
+                                hidden_size, 1, 0.0, False)
+  return ys, (h[0], c[0])
+
+
+def test_pack_cudnn_lstm_layout():
+  from jax.experimental import rnn as cudnn_rnn
+  from jdl.models.rnn import pack_cudnn_lstm
+  rng = np.random.RandomState(0)
+  w_i, w_h = rng.randn(F, 4 * H), rng.randn(H, 4 * H)
+  b_i, b_h = rng.randn(4 * H), rng.randn(4 * H)
+  flat = pack_cudnn_lstm(*(jnp.asarray(a, jnp.float32) for a in (w_i, w_h, b_i, b_h)))
+  assert flat.shape == (cudnn_rnn.get_num_params_in_lstm(F, H, 1, False),)
+  got = cudnn_rnn.unpack_lstm_weights(flat, F, H, 1, False)
+  for g, want in zip(got, (w_i.T, w_h.T, b_i, b_h)):  # cuDNN holds PyTorch's (4H, F) layout
+    np.testing.assert_allclose(np.asarray(g[0]), want, rtol=1e-6)
+
+
+def test_cudnn_implementation_equals_scan(monkeypatch):
+  """2 layers, bidirectional, lengths (5, 2, 0): outputs, states and gradients."""
+  import jdl.models.rnn as rnn_lib
+  monkeypatch.setattr(rnn_lib, '_cudnn_lstm', cudnn_by_reference)
+  x = inputs(batch=3)
+  lengths = jnp.asarray([T, 2, 0], jnp.int32)
+  models = [RNN(cell='lstm', hidden_size=H, num_layers=2, bidirectional=True, implementation=i)
+            for i in ('scan', 'cudnn')]
+  params = random_params(models[0], x)
+
+  def loss(p, model, lengths):
+    out, states = model.apply({'params': p}, x, lengths)
+    return jnp.sum(out ** 2) + sum(jnp.sum(jnp.sin(a)) for a in flat_states(states)), (out, states)
+
+  for lens in (None, lengths):
+    (_, (want_out, want_states)), want_grad = jax.value_and_grad(loss, has_aux=True)(
+        params, models[0], lens)
+    (_, (got_out, got_states)), got_grad = jax.value_and_grad(loss, has_aux=True)(
+        params, models[1], lens)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=1e-5)
+    for g, w in zip(flat_states(got_states), flat_states(want_states)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4),
+                 got_grad, want_grad)
+
+
+def test_cudnn_implementation_errors():
+  with pytest.raises(ConfigError, match="unknown rnn implementation 'fused'"):
+    RNN(cell='lstm', implementation='fused')
+  with pytest.raises(ConfigError, match="only the lstm cell, not 'gru'"):
+    RNN(cell='gru', implementation='cudnn')
+  with pytest.raises(ConfigError, match='float32 only, not bfloat16'):
+    RNN(cell='lstm', implementation='cudnn', dtype=jnp.bfloat16)
+  if jax.default_backend() != 'gpu':
+    model = RNN(cell='lstm', hidden_size=H, implementation='cudnn')
+    with pytest.raises(ConfigError, match="needs a CUDA GPU, but the JAX backend is 'cpu'"):
+      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, T, F)))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='the cuDNN kernel needs a CUDA GPU')
+def test_cudnn_kernel_equals_scan_on_gpu():
+  x = inputs(batch=3)
+  lengths = jnp.asarray([T, 2, 1], jnp.int32)
+  models = [RNN(cell='lstm', hidden_size=H, num_layers=2, bidirectional=True, implementation=i)
+            for i in ('scan', 'cudnn')]
+  params = random_params(models[0], x)
+  with jax.default_matmul_precision('highest'):  # no TF32 on either side
+    for lens in (None, lengths):
+      grads = [jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x, lens)[0] ** 2))(params)
+               for m in models]
+      outs = [m.apply({'params': params}, x, lens)[0] for m in models]
+      np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=1e-5)
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4),
+                   grads[1], grads[0])

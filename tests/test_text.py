@@ -79,9 +79,13 @@ def test_bad_text_inputs_are_one_line_errors(tmp_path):
       (dict(validation_fraction=0.0), "validation_fraction must be in"),
       (dict(sample_only=True), "--sample_only needs the --workdir"),
       (dict(optimizer="adamax"), "unknown optimizer"),
+      (dict(rnn_implementation="fused"), "unknown rnn implementation 'fused'"),
   ]:
     with pytest.raises(ConfigError, match=message):
       text.validate(text.TextConfig(**bad))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ConfigError, match="'cudnn' needs a CUDA GPU, but the JAX backend is 'cpu'"):
+      text.validate(text.TextConfig(rnn_implementation="cudnn"))
 
 
 def test_tfds_text_path_with_mock_data(tmp_path):

@@ -33,6 +33,13 @@ Init (Keras' defaults): input_kernel glorot-uniform, recurrent_kernel orthogonal
 input_bias, which is 1.0 (Keras' unit_forget_bias) so that the cell keeps its
 state early in training. PyTorch instead draws everything from U(-1/sqrt(H), 1/sqrt(H)).
 
+Implementation: 'scan' (default, any backend) or, for LSTMs on a CUDA GPU,
+'cudnn': each layer and direction is one `jax.experimental.rnn.lstm` call (the
+cuDNN kernel, float32 only), with the same parameters packed into cuDNN's flat
+layout by `pack_cudnn_lstm`. Its gates and biases are PyTorch's, so the two
+implementations compute the same function (tested against
+`jax.experimental.rnn.lstm_ref` on CPU, and against the kernel on a GPU).
+
 Variable lengths: with `lengths` (B,) given, steps t >= lengths[b] leave the carry
 unchanged (the final state is the state after the last valid step) and output
 zeros. The backward direction reverses each sequence within its own length, so
@@ -50,11 +57,69 @@ from jdl.errors import ConfigError
 
 # Gate blocks per cell, in PyTorch's order along the G*H axis.
 GATES = {'rnn': 1, 'lstm': 4, 'gru': 3}
+IMPLEMENTATIONS = ('scan', 'cudnn')
 
 
 def _check_cell(cell: str):
   if cell not in GATES:
     raise ConfigError(f"unknown rnn cell {cell!r}; choose one of: {', '.join(GATES)}")
+
+
+def check_implementation(implementation: str, cell: str, dtype: Any = jnp.float32):
+  """ConfigError unless `implementation` can run `cell` in `dtype`.
+
+  'cudnn' is an LSTM-only, float32-only kernel (jax.experimental.rnn).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ConfigError(f"unknown rnn implementation {implementation!r}; choose one of: "
+                      f"{', '.join(IMPLEMENTATIONS)}")
+  if implementation == 'cudnn':
+    if cell != 'lstm':
+      raise ConfigError(f"rnn implementation 'cudnn' runs only the lstm cell, not {cell!r}; "
+                        "use implementation 'scan'")
+    if jnp.dtype(dtype) != jnp.float32:
+      raise ConfigError(f"rnn implementation 'cudnn' computes in float32 only, not "
+                        f"{jnp.dtype(dtype).name}; use implementation 'scan' or float32")
+
+
+def check_cudnn_backend(backend: Optional[str] = None):
+  """ConfigError unless the backend can run the cuDNN LSTM (a CUDA GPU)."""
+  backend = backend or jax.default_backend()
+  if backend not in ('gpu', 'cuda'):
+    raise ConfigError(f"rnn implementation 'cudnn' needs a CUDA GPU, but the JAX backend is "
+                      f"{backend!r}; use implementation 'scan'")
+
+
+def pack_cudnn_lstm(input_kernel, recurrent_kernel, input_bias, recurrent_bias):
+  """One LSTM layer and direction's parameters as cuDNN's flat weight vector.
+
+  Layout (jax.experimental.rnn, one pseudo-layer): W_ih (4H, F), W_hh (4H, H),
+  b_ih (4H,), b_hh (4H,), each flattened row-major, gates i, f, g, o as here.
+
+  Arguments:
+    input_kernel: (F, 4H), recurrent_kernel: (H, 4H), input_bias and
+      recurrent_bias: (4H,); `RecurrentLayer`'s parameters.
+
+  Returns:
+    (4H * (F + H + 2),) float32.
+  """
+  return jnp.concatenate([input_kernel.T.reshape(-1), recurrent_kernel.T.reshape(-1),
+                          input_bias, recurrent_bias]).astype(jnp.float32)
+
+
+def _cudnn_lstm(x, weights, lengths, hidden_size: int):
+  """Runs one cuDNN LSTM layer from zero state: (outputs (B, T, H), (h, c)).
+
+  x: (B, T, F) float32; weights from `pack_cudnn_lstm`; lengths: (B,) int32.
+  """
+  from jax.experimental import rnn as cudnn_rnn  # Imported here: GPU-only, experimental.
+  check_cudnn_backend()
+  batch, _, features = x.shape
+  zeros = jnp.zeros((1, batch, hidden_size), jnp.float32)  # (layers * directions, B, H)
+  ys, h, c = cudnn_rnn.lstm(x, zeros, zeros, weights, lengths, input_size=features,
+                            hidden_size=hidden_size, num_layers=1, dropout=0.0,
+                            bidirectional=False)
+  return ys, (h[0], c[0])
 
 
 def _lstm_bias_init(hidden_size: int):
@@ -112,12 +177,14 @@ class RecurrentLayer(nn.Module):
     activation: activation name of the 'rnn' cell (ignored by lstm and gru).
     reverse: run from each sequence's last valid step to its first.
     dtype: compute dtype; parameters stay float32.
+    implementation: 'scan', or 'cudnn' (lstm, float32, CUDA GPU only).
   """
   cell: str = 'lstm'
   hidden_size: int = 128
   activation: str = 'tanh'
   reverse: bool = False
   dtype: Any = jnp.float32
+  implementation: str = 'scan'
 
   @nn.compact
   def __call__(self, x, lengths=None):
@@ -129,6 +196,7 @@ class RecurrentLayer(nn.Module):
         output zeros.
     """
     _check_cell(self.cell)
+    check_implementation(self.implementation, self.cell, self.dtype)
     gh = GATES[self.cell] * self.hidden_size
     bias_init = (_lstm_bias_init(self.hidden_size) if self.cell == 'lstm'
                  else nn.initializers.zeros)
@@ -139,6 +207,8 @@ class RecurrentLayer(nn.Module):
     w_i, w_h, b_i, b_h = (p.astype(self.dtype) for p in (w_i, w_h, b_i, b_h))
 
     batch, steps, _ = x.shape
+    if self.implementation == 'cudnn':
+      return self._cudnn(x, lengths, pack_cudnn_lstm(w_i, w_h, b_i, b_h))
     xp = x.astype(self.dtype) @ w_i + b_i[None, None, :]  # (B, T, G*H), all steps at once
     b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
     if self.reverse:
@@ -177,6 +247,24 @@ class RecurrentLayer(nn.Module):
       ys = jnp.flip(ys, 1) if lengths is None else _reverse_within(ys, lengths)
     return ys, carry
 
+  def _cudnn(self, x, lengths, weights):
+    """The same layer through the cuDNN kernel; the scan path's semantics."""
+    batch, steps, _ = x.shape
+    x = x.astype(jnp.float32)
+    full = lengths is None
+    lengths = jnp.full((batch,), steps, jnp.int32) if full else lengths.astype(jnp.int32)
+    if self.reverse:
+      x = jnp.flip(x, 1) if full else _reverse_within(x, lengths)
+    # cuDNN wants lengths >= 1; an empty sequence keeps the zero state instead.
+    ys, carry = _cudnn_lstm(x, weights, jnp.maximum(lengths, 1), self.hidden_size)
+    if not full:  # Zeros past each length, whatever the kernel leaves there.
+      ys = jnp.where(jnp.arange(steps)[None, :, None] < lengths[:, None, None], ys, 0.0)
+      empty = (lengths == 0)[:, None]  # (B, 1)
+      carry = tuple(jnp.where(empty, 0.0, s) for s in carry)
+    if self.reverse:
+      ys = jnp.flip(ys, 1) if full else _reverse_within(ys, lengths)
+    return ys, carry
+
 
 class RNN(nn.Module):
   """Stacked, optionally bidirectional recurrent layers, like torch.nn.LSTM/GRU/RNN.
@@ -191,6 +279,8 @@ class RNN(nn.Module):
     activation: activation name of the 'rnn' cell.
     return_sequences: return all outputs (B, T, D*H), else the last state (B, D*H).
     dtype: compute dtype; parameters stay float32.
+    implementation: 'scan', or 'cudnn' (lstm, float32, CUDA GPU only): see
+      the module docstring.
   """
   cell: str = 'lstm'
   hidden_size: int = 128
@@ -200,9 +290,11 @@ class RNN(nn.Module):
   activation: str = 'tanh'
   return_sequences: bool = True
   dtype: Any = jnp.float32
+  implementation: str = 'scan'
 
   def __post_init__(self):
     _check_cell(self.cell)
+    check_implementation(self.implementation, self.cell, self.dtype)
     if self.num_layers < 1:
       raise ConfigError(f'rnn num_layers must be >= 1, got {self.num_layers}')
     super().__post_init__()
@@ -233,7 +325,7 @@ class RNN(nn.Module):
       for reverse in directions:
         y, state = RecurrentLayer(
             cell=self.cell, hidden_size=self.hidden_size, activation=self.activation,
-            reverse=reverse, dtype=self.dtype,
+            reverse=reverse, dtype=self.dtype, implementation=self.implementation,
             name=f'layer{layer}' + ('_reverse' if reverse else ''))(x, lengths)
         outputs.append(y)
         final_states.append(state)
@@ -260,8 +352,8 @@ class RNNClassifier(nn.Module):
   """`RNN` -> last state -> Dense head: a sequence classifier.
 
   Arguments:
-    cell, hidden_size, num_layers, bidirectional, dropout, activation, dtype:
-      as in `RNN`.
+    cell, hidden_size, num_layers, bidirectional, dropout, activation, dtype,
+      implementation: as in `RNN`.
     num_classes: number of logits.
   """
   cell: str = 'lstm'
@@ -272,6 +364,7 @@ class RNNClassifier(nn.Module):
   activation: str = 'tanh'
   num_classes: int = 10
   dtype: Any = jnp.float32
+  implementation: str = 'scan'
 
   @nn.compact
   def __call__(self, x, lengths=None, *, train: bool = False):
@@ -290,7 +383,8 @@ class RNNClassifier(nn.Module):
     outputs, states = RNN(
         cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
         bidirectional=self.bidirectional, dropout=self.dropout, activation=self.activation,
-        return_sequences=True, dtype=self.dtype, name='rnn')(x, lengths, train=train)
+        return_sequences=True, dtype=self.dtype, implementation=self.implementation,
+        name='rnn')(x, lengths, train=train)
     last = last_state(states, self.cell, self.bidirectional)  # (B, D*H)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(last)
     return logits.astype(jnp.float32), {'pre_logits': last, 'sequence': outputs}
@@ -377,9 +471,9 @@ class LanguageModel(nn.Module):
   Arguments:
     vocab_size: number of token ids.
     embed_dim: embedding width.
-    cell, hidden_size, num_layers, dropout, dtype: as in `RNN` (unidirectional:
-      a language model must not read ahead). Dropout also applies to the top
-      layer's outputs, before the head.
+    cell, hidden_size, num_layers, dropout, dtype, implementation: as in `RNN`
+      (unidirectional: a language model must not read ahead). Dropout also
+      applies to the top layer's outputs, before the head.
   """
   vocab_size: int
   embed_dim: int = 64
@@ -388,6 +482,7 @@ class LanguageModel(nn.Module):
   num_layers: int = 2
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  implementation: str = 'scan'
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -399,7 +494,8 @@ class LanguageModel(nn.Module):
     """
     x = nn.Embed(self.vocab_size, self.embed_dim, name='embed')(tokens).astype(self.dtype)
     outputs, _ = RNN(cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                     dropout=self.dropout, dtype=self.dtype, name='rnn')(x, train=train)
+                     dropout=self.dropout, dtype=self.dtype,
+                     implementation=self.implementation, name='rnn')(x, train=train)
     outputs = nn.Dropout(self.dropout, deterministic=not train, name='dropout')(outputs)
     logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head')(outputs)
     return logits.astype(jnp.float32), {'sequence': outputs}
