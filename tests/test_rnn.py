@@ -506,6 +506,56 @@ def test_classifier_shapes_and_dtypes():
                              atol=5e-2, rtol=0)
 
 
+# ------------------------------------------------ hand-written LSTM gradient
+
+
+def plain_lstm_scan(xs, w_h, valid):
+  """The LSTM recurrence as the straightforward scan; JAX differentiates it."""
+  hidden = w_h.shape[0]
+  zeros = jnp.zeros((xs.shape[1], hidden))
+
+  def body(carry, inputs):
+    h, c = carry
+    x_t, m = inputs
+    i, f, g, o = jnp.split(x_t + h @ w_h, 4, axis=-1)
+    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    keep = m > 0
+    return ((jnp.where(keep, h_new, h), jnp.where(keep, c_new, c)),
+            jnp.where(keep, h_new, 0.0))
+
+  ones = jnp.ones(xs.shape[:2] + (1,))
+  carry, ys = jax.lax.scan(body, (zeros, zeros), (xs, ones if valid is None else valid))
+  return ys, carry
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_lstm_recurrence_vjp_equals_autodiff_of_the_plain_scan(masked):
+  """Every gradient entry of the custom VJP, against jax.grad of a plain scan."""
+  from jdl.models.rnn import lstm_recurrence
+  steps, batch, hidden = 6, 4, 5
+  rng = np.random.RandomState(7)
+  xs = jnp.asarray(rng.randn(steps, batch, 4 * hidden), jnp.float32)
+  w_h = jnp.asarray(rng.randn(hidden, 4 * hidden) * 0.5, jnp.float32)
+  lengths = np.array([6, 3, 1, 0])
+  valid = (jnp.asarray(np.arange(steps)[:, None] < lengths[None, :], jnp.float32)[..., None]
+           if masked else None)
+  r_ys = jnp.asarray(rng.randn(steps, batch, hidden), jnp.float32)
+  r_h, r_c = (jnp.asarray(rng.randn(batch, hidden), jnp.float32) for _ in range(2))
+
+  def loss(fn, xs, w_h):
+    ys, (h, c) = fn(xs, w_h, valid)
+    return jnp.sum(ys * r_ys) + jnp.sum(h * r_h) + jnp.sum(jnp.sin(c) * r_c), (ys, h, c)
+
+  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1), has_aux=True))
+  got, got_out = grad(lstm_recurrence)(xs, w_h)
+  want, want_out = grad(plain_lstm_scan)(xs, w_h)
+  for g, w in zip(got_out + got, want_out + want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6, rtol=1e-5)
+  if masked:  # nothing flows into the steps past each length
+    assert not np.any(np.asarray(got[0])[np.asarray(valid)[..., 0] == 0])
+
+
 # ---------------------------------------------------------------- cuDNN LSTM
 # jax.experimental.rnn.lstm runs only on a CUDA GPU. On CPU its pure-JAX
 # reference, lstm_ref, stands in for the kernel: jax's own tests check the

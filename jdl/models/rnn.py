@@ -131,20 +131,114 @@ def _lstm_bias_init(hidden_size: int):
 
 
 # ------------------------------------------------------------------ cell steps
-# Each takes the carry, the step's input projection xp = x W_i + b_i (B, G*H),
-# W_h (H, G*H) and b_h (1, G*H), and returns the new carry.
+# The rnn and gru steps take the carry h, the step's input projection
+# xp = x W_i + b_i (B, G*H), W_h (H, G*H) and b_h (1, G*H), and return the new
+# h; their gradients are JAX's autodiff of the scan. The LSTM's recurrence is
+# `lstm_recurrence` below.
 
 
 def _rnn_step(act: Callable, h, xp, w_h, b_h):
   return act(xp + h @ w_h + b_h)
 
 
-def _lstm_step(carry, xp, w_h, b_h):
-  h, c = carry
-  i, f, g, o = jnp.split(xp + h @ w_h + b_h, 4, axis=-1)  # each (B, H)
-  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  h = jax.nn.sigmoid(o) * jnp.tanh(c)
-  return h, c
+# ------------------------------------------------- LSTM recurrence, fast on CPU
+# XLA:CPU runs an elementwise fusion that reads one buffer at several offsets
+# (the four gate slices of h @ W_h) ~5x slower than one reading separate
+# buffers, and the autodiff of the plain scan is full of such fusions: the
+# LSTM cell's elementwise work took 4-5 ms of a 9 ms forward (B 64, T 40,
+# H 128; BUILD_NOTES.md "Issue 6"). `lstm_recurrence` keeps each gate in its
+# own buffer (four (H, H) matmuls per step forward) and has a hand-written
+# VJP: one (B, 4H) @ (4H, H) matmul per step backward, and the recurrent
+# kernel's gradient as one (H, T*B) @ (T*B, 4H) matmul after the loop.
+
+
+def _lstm_forward(xs, w_h, valid):
+  """The scan: (outputs (T, B, H), (h, c) final, residuals for the VJP).
+
+  xs: (T, B, 4H) input projections with both biases; w_h: (H, 4H);
+  valid: None or (T, B, 1) of 1.0 (step counts) / 0.0 (keep the carry).
+  """
+  steps, batch, four_h = xs.shape
+  hidden = four_h // 4
+  gates_x = jnp.split(xs, 4, axis=-1)  # 4 x (T, B, H): separate buffers
+  w_gates = jnp.split(w_h, 4, axis=-1)  # 4 x (H, H)
+  zeros = jnp.zeros((batch, hidden), xs.dtype)
+
+  def body(carry, inputs):
+    h, c = carry
+    x_t, m = inputs[:4], inputs[4]
+    a_i, a_f, a_g, a_o = (x + h @ w for x, w in zip(x_t, w_gates))  # each (B, H)
+    i, f, o = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jax.nn.sigmoid(a_o)
+    g = jnp.tanh(a_g)
+    c_new = f * c + i * g
+    tanh_c = jnp.tanh(c_new)
+    h_new = o * tanh_c
+    if m is None:
+      return (h_new, c_new), (h_new, (h, c, i, f, g, o, tanh_c))
+    out = m * h_new
+    new_carry = (out + (1 - m) * h, m * c_new + (1 - m) * c)
+    return new_carry, (out, (h, c, i, f, g, o, tanh_c))
+
+  carry, (ys, residuals) = jax.lax.scan(body, (zeros, zeros), (*gates_x, valid))
+  return ys, carry, residuals
+
+
+@jax.custom_vjp
+def lstm_recurrence(xs, w_h, valid=None):
+  """LSTM over time from zero state: (outputs (T, B, H), (h, c) final).
+
+  The cell of the module docstring, with xs holding x W_i + b_i + b_h, and a
+  VJP written out by hand for speed on CPU.
+
+  Arguments:
+    xs: (T, B, 4H) input projections plus both biases, gates i, f, g, o.
+    w_h: (H, 4H) recurrent kernel.
+    valid: None, or (T, B, 1) floats, 1.0 where step t of sequence b counts
+      and 0.0 where the carry is kept and the output is zero.
+  """
+  ys, carry, _ = _lstm_forward(xs, w_h, valid)
+  return ys, carry
+
+
+def _lstm_recurrence_fwd(xs, w_h, valid=None):
+  ys, carry, residuals = _lstm_forward(xs, w_h, valid)
+  return (ys, carry), (w_h, valid, residuals)
+
+
+def _lstm_recurrence_bwd(saved, cotangents):
+  w_h, valid, (h_prev, c_prev, i, f, g, o, tanh_c) = saved  # each (T, B, H)
+  d_ys, (d_h_last, d_c_last) = cotangents
+  w_t = w_h.T  # (4H, H)
+
+  def body(carry, inputs):
+    d_h, d_c = carry  # gradients of the carry leaving this step
+    d_y, c_p, i_t, f_t, g_t, o_t, tc, m = inputs
+    if m is None:
+      d_h_new, d_c_new = d_h + d_y, d_c
+    else:  # the carry is m * new + (1 - m) * old, the output m * h_new
+      d_h_new, d_c_new = m * (d_h + d_y), m * d_c
+    d_c_total = d_c_new + d_h_new * o_t * (1 - tc * tc)
+    d_gates = jnp.concatenate([  # gradients of the pre-activations, (B, 4H)
+        d_c_total * g_t * i_t * (1 - i_t),
+        d_c_total * c_p * f_t * (1 - f_t),
+        d_c_total * i_t * (1 - g_t * g_t),
+        d_h_new * tc * o_t * (1 - o_t)], axis=-1)
+    d_h_old = d_gates @ w_t
+    d_c_old = d_c_total * f_t
+    if m is not None:
+      d_h_old = d_h_old + (1 - m) * d_h
+      d_c_old = d_c_old + (1 - m) * d_c
+    return (d_h_old, d_c_old), d_gates
+
+  _, d_xs = jax.lax.scan(body, (d_h_last, d_c_last),
+                         (d_ys, c_prev, i, f, g, o, tanh_c, valid), reverse=True)
+  hidden = w_h.shape[0]
+  d_w_h = h_prev.reshape(-1, hidden).T @ d_xs.reshape(-1, 4 * hidden)  # (H, T*B) @ (T*B, 4H)
+  d_valid = None if valid is None else jnp.zeros_like(valid)
+  return d_xs, d_w_h.astype(w_h.dtype), d_valid
+
+
+lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
 
 
 def _gru_step(h, xp, w_h, b_h):
@@ -214,33 +308,29 @@ class RecurrentLayer(nn.Module):
     if self.reverse:
       xp = jnp.flip(xp, 1) if lengths is None else _reverse_within(xp, lengths)
 
+    xs = jnp.swapaxes(xp, 0, 1)  # (T, B, G*H): scan runs over the leading axis
+    # After reversing within the length, the valid steps are still the first ones.
+    valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]  # (T, B)
     if self.cell == 'lstm':
-      step = _lstm_step
-      zeros = jnp.zeros((batch, self.hidden_size), self.dtype)
-      carry = (zeros, zeros)
+      if valid is not None:
+        valid = valid[..., None].astype(self.dtype)  # (T, B, 1)
+      ys, carry = lstm_recurrence(xs + b_h[None], w_h, valid)  # b_h (1, 1, 4H)
     else:
       step = (_gru_step if self.cell == 'gru'
               else lambda h, *a: _rnn_step(activations.get(self.activation), h, *a))
       carry = jnp.zeros((batch, self.hidden_size), self.dtype)
-    top = lambda c: c[0] if self.cell == 'lstm' else c  # the output h of a carry
-
-    xs = jnp.swapaxes(xp, 0, 1)  # (T, B, G*H): scan runs over the leading axis
-    if lengths is None:
-      def body(carry, xp_t):
-        carry = step(carry, xp_t, w_h, b_h)
-        return carry, top(carry)
-      carry, ys = jax.lax.scan(body, carry, xs)
-    else:
-      # After reversing within the length, the valid steps are still the first ones.
-      valid = jnp.arange(steps)[:, None] < lengths[None, :]  # (T, B)
-
-      def body(carry, inputs):
-        xp_t, valid_t = inputs
-        new = step(carry, xp_t, w_h, b_h)
-        keep = valid_t[:, None]  # (B, 1)
-        carry = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, carry)
-        return carry, jnp.where(keep, top(new), jnp.zeros_like(top(new)))
-      carry, ys = jax.lax.scan(body, carry, (xs, valid))
+      if valid is None:
+        def body(carry, xp_t):
+          carry = step(carry, xp_t, w_h, b_h)
+          return carry, carry
+        carry, ys = jax.lax.scan(body, carry, xs)
+      else:
+        def body(carry, inputs):
+          xp_t, valid_t = inputs
+          new = step(carry, xp_t, w_h, b_h)
+          keep = valid_t[:, None]  # (B, 1)
+          return jnp.where(keep, new, carry), jnp.where(keep, new, jnp.zeros_like(new))
+        carry, ys = jax.lax.scan(body, carry, (xs, valid))
 
     ys = jnp.swapaxes(ys, 0, 1)  # (B, T, H)
     if self.reverse:
