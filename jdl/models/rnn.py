@@ -157,6 +157,9 @@ def _lstm_forward(xs, w_h, valid):
 
   xs: (T, B, 4H) input projections with both biases; w_h: (H, 4H);
   valid: None or (T, B, 1) of 1.0 (step counts) / 0.0 (keep the carry).
+  Residuals, each (T, B, H): the carry's c after each step, the gate
+  activations i, f, g, o, and (with valid) the carry's h after each step
+  (without, that is the output).
   """
   steps, batch, four_h = xs.shape
   hidden = four_h // 4
@@ -171,13 +174,12 @@ def _lstm_forward(xs, w_h, valid):
     i, f, o = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jax.nn.sigmoid(a_o)
     g = jnp.tanh(a_g)
     c_new = f * c + i * g
-    tanh_c = jnp.tanh(c_new)
-    h_new = o * tanh_c
+    h_new = o * jnp.tanh(c_new)
     if m is None:
-      return (h_new, c_new), (h_new, (h, c, i, f, g, o, tanh_c))
+      return (h_new, c_new), (h_new, (c_new, i, f, g, o))
     out = m * h_new
-    new_carry = (out + (1 - m) * h, m * c_new + (1 - m) * c)
-    return new_carry, (out, (h, c, i, f, g, o, tanh_c))
+    h_new, c_new = out + (1 - m) * h, m * c_new + (1 - m) * c
+    return (h_new, c_new), (out, (c_new, i, f, g, o, h_new))
 
   carry, (ys, residuals) = jax.lax.scan(body, (zeros, zeros), (*gates_x, valid))
   return ys, carry, residuals
@@ -202,13 +204,18 @@ def lstm_recurrence(xs, w_h, valid=None):
 
 def _lstm_recurrence_fwd(xs, w_h, valid=None):
   ys, carry, residuals = _lstm_forward(xs, w_h, valid)
-  return (ys, carry), (w_h, valid, residuals)
+  return (ys, carry), (w_h, valid, ys, residuals)
 
 
 def _lstm_recurrence_bwd(saved, cotangents):
-  w_h, valid, (h_prev, c_prev, i, f, g, o, tanh_c) = saved  # each (T, B, H)
+  w_h, valid, ys, (c_seq, i, f, g, o, *h_seq) = saved  # each (T, B, H)
   d_ys, (d_h_last, d_c_last) = cotangents
   w_t = w_h.T  # (4H, H)
+  previous = lambda seq: jnp.concatenate([jnp.zeros_like(seq[:1]), seq[:-1]])  # carry entering t
+  c_prev = previous(c_seq)
+  # tanh of the step's new c; past a length c_seq holds the kept carry instead,
+  # but there every term using it is multiplied by m = 0.
+  tanh_c = jnp.tanh(c_seq)
 
   def body(carry, inputs):
     d_h, d_c = carry  # gradients of the carry leaving this step
@@ -233,6 +240,7 @@ def _lstm_recurrence_bwd(saved, cotangents):
   _, d_xs = jax.lax.scan(body, (d_h_last, d_c_last),
                          (d_ys, c_prev, i, f, g, o, tanh_c, valid), reverse=True)
   hidden = w_h.shape[0]
+  h_prev = previous(h_seq[0] if h_seq else ys)
   d_w_h = h_prev.reshape(-1, hidden).T @ d_xs.reshape(-1, 4 * hidden)  # (H, T*B) @ (T*B, 4H)
   d_valid = None if valid is None else jnp.zeros_like(valid)
   return d_xs, d_w_h.astype(w_h.dtype), d_valid
