@@ -188,40 +188,40 @@ def _subpixel_taps(kernel_size: int):
 
 
 def conv_transpose_2x(x, kernel):
-  """`lax.conv_transpose(x, kernel, (2, 2), 'SAME')` (NHWC, HWIO) as one stride-1 convolution
-  and a depth-to-space: (B, H, W, Cin) -> (B, 2H, 2W, Cout).
+  """`lax.conv_transpose(x, kernel, (2, 2), 'SAME')` (NHWC, HWIO) as one matmul and
+  shifted adds: (B, H, W, Cin) -> (B, 2H, 2W, Cout).
 
-  Each output pixel (2i + r, 2j + c) is a sum over a few input pixels near
-  (i, j) (see `_subpixel_taps`); the four phases (r, c) become 4 * Cout output
-  channels of one convolution over a (hi - lo + 1)^2 window (3x3 for k = 4),
-  with the kernel taps a phase does not use set to zero, then interleaved. Same
-  values as the transposed convolution up to float rounding; its gradient is
-  that of an ordinary convolution, which XLA:CPU computes several times faster
-  than the gradient of the input-dilated convolution behind `lax.conv_transpose`
-  (fwd+bwd 97 -> 25 ms for a (64, 4, 4, 128) -> 64-channel layer, 2-core CPU;
-  BUILD_NOTES.md).
+  Output pixel (2i + r, 2j + c) (phase (r, c)) is the sum over input pixels
+  (i + u, j + v) near (i, j) of x[i + u, j + v] @ kernel[a, b], with the tap
+  (a, b) the phase and offset pick (`_subpixel_taps`; about k / 2 offsets per
+  axis and phase). So one (B*H*W, Cin) @ (Cin, k*k*Cout) matmul gives every tap's
+  contribution at every input pixel, and each phase adds up its (k / 2)^2
+  taps shifted by their offsets; the phases are then interleaved. No zero
+  taps are multiplied (k*k per input pixel, as the transposed convolution
+  itself). The gradient is two matmuls and the same shifts in reverse, which
+  XLA:CPU computes several times faster than the gradient of the
+  input-dilated convolution behind `lax.conv_transpose` (fwd+bwd of a
+  (64, 4, 4, 128) -> 64-channel layer, 2-core CPU: 97 ms that way, 25 ms as
+  a 3x3 stride-1 convolution with zero taps, 9-10 ms this way;
+  BUILD_NOTES.md "Issue 6"). Same values up to float rounding.
   """
   k = kernel.shape[0]
   lo, hi, taps = _subpixel_taps(k)
-  span, (cin, cout) = hi - lo + 1, kernel.shape[2:]
-  zero = jnp.zeros((cin, cout), kernel.dtype)
-  # window (u, v) x phase (r, c) -> the kernel tap that applies, or zero.
-  rows = []
-  for u in range(span):
-    cols = []
-    for v in range(span):
-      blocks = []
-      for r in (0, 1):
-        for c in (0, 1):
-          a, b = taps.get((r, u + lo)), taps.get((c, v + lo))
-          blocks.append(zero if a is None or b is None else kernel[a, b])
-      cols.append(jnp.concatenate(blocks, -1))  # (Cin, 4 Cout), phases in (r, c) order
-    rows.append(jnp.stack(cols))
-  window_kernel = jnp.stack(rows)  # (span, span, Cin, 4 Cout)
+  cin, cout = kernel.shape[2:]
   batch, height, width, _ = x.shape
-  y = jax.lax.conv_general_dilated(x, window_kernel, (1, 1), ((-lo, hi), (-lo, hi)),
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # (B, H, W, 4 Cout)
-  y = y.reshape(batch, height, width, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5)  # (B, H, r, W, c, Cout)
+  per_tap = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout)
+  per_tap = per_tap.reshape(batch, height, width, k, k, cout)  # contribution of tap (a, b) at (i, j)
+  # Pad so that input row i + u, u in [lo, hi], is padded row i + u - lo.
+  per_tap = jnp.pad(per_tap, ((0, 0), (-lo, hi), (-lo, hi), (0, 0), (0, 0), (0, 0)))
+  offsets = lambda phase: [(o, a) for (p, o), a in taps.items() if p == phase]
+  phases = []
+  for r in (0, 1):
+    row = []
+    for c in (0, 1):
+      row.append(sum(per_tap[:, u - lo:u - lo + height, v - lo:v - lo + width, a, b, :]
+                     for u, a in offsets(r) for v, b in offsets(c)))  # (B, H, W, Cout)
+    phases.append(jnp.stack(row, 3))  # (B, H, W, c, Cout)
+  y = jnp.stack(phases, 2)  # (B, H, r, W, c, Cout)
   return y.reshape(batch, 2 * height, 2 * width, cout)
 
 
