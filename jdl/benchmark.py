@@ -17,6 +17,10 @@ What is measured and how:
                   backend reports it (GPU, TPU), else None.
 Data is synthetic (fixed random arrays of the right shape, already on the
 device): the benchmark times the step, not an input pipeline.
+
+`compare_torch` times jdl's step and the same step in PyTorch in one loop,
+alternating every 5 steps: on a shared host whose speed drifts by 20% within
+a minute, timing one side after the other moved the ratio by as much.
 """
 import functools
 import os
@@ -121,31 +125,39 @@ def _dcgan_step(batch_size: int, precision: str, seed: int = 0):
   return step, state, params
 
 
-def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", steps: int = 20,
-              warmup: int = 3, steps_per_call: int = 1, seed: int = 0,
-              rnn_implementation: Optional[str] = None) -> Dict:
-  """Times the training step of `model`; returns the figures described above.
+class _Side:
+  """One framework's compiled step, ready to time: `run()` does one call and
+  returns its wall seconds per training step; `result(times)` the figures;
+  `params` the parameter count."""
 
-  Arguments:
-    model: a registered classifier name or 'dcgan'.
-    batch_size: examples per step.
-    precision: 'float32' or 'bfloat16' compute (parameters stay float32).
-    steps: timed calls.
-    warmup: untimed calls after compiling.
-    steps_per_call: K steps per call, in one `lax.scan`.
-    seed: of the synthetic data and initialisation.
-    rnn_implementation: recurrent models: 'scan' or 'cudnn' (lstm on a CUDA
-      GPU); None keeps the model's default ('scan').
-  """
+  def __init__(self, run: Callable[[], float], result: Callable[[list], Dict], params: int):
+    self.run, self.result, self.params = run, result, params
+
+
+def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5) -> Dict[str, Dict]:
+  """Times every side `steps` times after `warmup` calls, alternating between
+  sides every `block` calls, so that a host that speeds up or slows down
+  during the run (common on shared machines) moves every side alike."""
+  for side in sides.values():
+    for _ in range(warmup):
+      side.run()
+  times = {name: [] for name in sides}
+  while any(len(t) < steps for t in times.values()):
+    for name, side in sides.items():
+      for _ in range(min(block, steps - len(times[name]))):
+        times[name].append(side.run())
+  return {name: side.result(times[name]) for name, side in sides.items()}
+
+
+def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: int, seed: int,
+              rnn_implementation: Optional[str]) -> _Side:
   if model not in model_names():
     raise ConfigError(f"unknown model {model!r}; choose one of: {', '.join(model_names())}")
   if precision not in ("float32", "bfloat16"):
     raise ConfigError(f"precision must be float32 or bfloat16, got {precision!r}")
-  for name, value in (("batch_size", batch_size), ("steps", steps), ("steps_per_call", steps_per_call)):
+  for name, value in (("batch_size", batch_size), ("steps_per_call", steps_per_call)):
     if value < 1:
       raise ConfigError(f"{name} must be >= 1, got {value}")
-  if warmup < 0:
-    raise ConfigError(f"warmup must be >= 0, got {warmup}")
   if rnn_implementation is not None:
     if model not in ("lstm", "gru", "rnn"):
       raise ConfigError(f"rnn_implementation does not apply to model {model!r} (it is not recurrent)")
@@ -185,44 +197,96 @@ def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", 
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) / steps_per_call if cost else None
 
-  times = []
-  for i in range(warmup + steps):
+  carry = {"state": state, "loss": None, "calls": 0}
+
+  def run() -> float:
     start = time.perf_counter()
-    state, loss = compiled(state, jax.random.fold_in(key, i))
-    jax.block_until_ready(loss)
-    if i >= warmup:
-      times.append((time.perf_counter() - start) / steps_per_call)
-  if not np.isfinite(float(loss)):
-    raise ConfigError(f"{model} produced a non-finite loss on synthetic data")
-  step_s = statistics.median(times)
-  device = jax.devices()[0]
-  peak = peak_flops(device.device_kind, precision)
-  memory = None
-  try:
-    stats = device.memory_stats()
-    memory = stats.get("peak_bytes_in_use") if stats else None
-  except Exception:  # noqa: BLE001 -- backends without memory stats
+    carry["state"], carry["loss"] = compiled(carry["state"], jax.random.fold_in(key, carry["calls"]))
+    jax.block_until_ready(carry["loss"])
+    carry["calls"] += 1
+    return (time.perf_counter() - start) / steps_per_call
+
+  def result(times) -> Dict:
+    if not np.isfinite(float(carry["loss"])):
+      raise ConfigError(f"{model} produced a non-finite loss on synthetic data")
+    step_s = statistics.median(times)
+    device = jax.devices()[0]
+    peak = peak_flops(device.device_kind, precision)
     memory = None
-  return {
-      "framework": "jdl",
-      "model": model,
-      "rnn_implementation": rnn_implementation,
-      "batch_size": batch_size,
-      "precision": precision,
-      "steps_per_call": steps_per_call,
-      "params": num_params,
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "compile_s": compile_s,
-      "step_ms": 1e3 * step_s,
-      "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
-      "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
-      "examples_per_s": batch_size / step_s,
-      "flops_per_step": flops,
-      "mfu": (flops / step_s / peak) if (flops and peak) else None,
-      "peak_memory_bytes": memory,
-      "jax_version": jax.__version__,
-  }
+    try:
+      stats = device.memory_stats()
+      memory = stats.get("peak_bytes_in_use") if stats else None
+    except Exception:  # noqa: BLE001 -- backends without memory stats
+      memory = None
+    return {
+        "framework": "jdl",
+        "model": model,
+        "rnn_implementation": rnn_implementation,
+        "batch_size": batch_size,
+        "precision": precision,
+        "steps_per_call": steps_per_call,
+        "params": num_params,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "compile_s": compile_s,
+        "step_ms": 1e3 * step_s,
+        "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+        "examples_per_s": batch_size / step_s,
+        "flops_per_step": flops,
+        "mfu": (flops / step_s / peak) if (flops and peak) else None,
+        "peak_memory_bytes": memory,
+        "jax_version": jax.__version__,
+    }
+  return _Side(run, result, num_params)
+
+
+def _check_counts(steps: int, warmup: int):
+  if steps < 1:
+    raise ConfigError(f"steps must be >= 1, got {steps}")
+  if warmup < 0:
+    raise ConfigError(f"warmup must be >= 0, got {warmup}")
+
+
+def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", steps: int = 20,
+              warmup: int = 3, steps_per_call: int = 1, seed: int = 0,
+              rnn_implementation: Optional[str] = None) -> Dict:
+  """Times the training step of `model`; returns the figures described above.
+
+  Arguments:
+    model: a registered classifier name or 'dcgan'.
+    batch_size: examples per step.
+    precision: 'float32' or 'bfloat16' compute (parameters stay float32).
+    steps: timed calls.
+    warmup: untimed calls after compiling.
+    steps_per_call: K steps per call, in one `lax.scan`.
+    seed: of the synthetic data and initialisation.
+    rnn_implementation: recurrent models: 'scan' or 'cudnn' (lstm on a CUDA
+      GPU); None keeps the model's default ('scan').
+  """
+  _check_counts(steps, warmup)
+  side = _jdl_side(model, batch_size=batch_size, precision=precision,
+                   steps_per_call=steps_per_call, seed=seed, rnn_implementation=rnn_implementation)
+  return _time_sides({"jdl": side}, steps, warmup)["jdl"]
+
+
+def compare_torch(model: str, *, batch_size: int = 128, precision: str = "float32",
+                  steps: int = 20, warmup: int = 3, steps_per_call: int = 1, seed: int = 0,
+                  rnn_implementation: Optional[str] = None) -> Dict:
+  """`benchmark` with the PyTorch side (`benchmark_torch`) timed in the same
+  loop, alternating every 5 steps; returns jdl's figures with 'torch' (its
+  figures) and 'ratio_vs_torch' (jdl / PyTorch examples per second)."""
+  _check_counts(steps, warmup)
+  jdl_side = _jdl_side(model, batch_size=batch_size, precision=precision,
+                       steps_per_call=steps_per_call, seed=seed,
+                       rnn_implementation=rnn_implementation)
+  torch_side = _torch_side(model, batch_size=batch_size, precision=precision,
+                           expected_params=jdl_side.params)
+  results = _time_sides({"jdl": jdl_side, "torch": torch_side}, steps, warmup)
+  result = results["jdl"]
+  result["torch"] = results["torch"]
+  result["ratio_vs_torch"] = result["examples_per_s"] / results["torch"]["examples_per_s"]
+  return result
 
 
 def benchmark_torch(model: str, *, batch_size: int, precision: str = "float32", steps: int = 20,
@@ -233,6 +297,14 @@ def benchmark_torch(model: str, *, batch_size: int, precision: str = "float32", 
   precision is bfloat16, and torch.compile. Raises ConfigError if PyTorch is
   not installed, has no version of `model`, or its parameter count differs.
   """
+  _check_counts(steps, warmup)
+  side = _torch_side(model, batch_size=batch_size, precision=precision,
+                     expected_params=expected_params)
+  return _time_sides({"torch": side}, steps, warmup)["torch"]
+
+
+def _torch_side(model: str, *, batch_size: int, precision: str,
+                expected_params: Optional[int]) -> _Side:
   try:
     import torch
     from jdl import torch_reference
@@ -251,20 +323,30 @@ def benchmark_torch(model: str, *, batch_size: int, precision: str = "float32", 
   step = torch_reference.build(model, batch_size, device="cuda" if cuda else "cpu",
                                channels_last=cuda, compile=cuda,
                                autocast_bf16=precision == "bfloat16")
-  timed = torch_reference.time_steps(step, steps=steps, warmup=warmup)
-  step_s = statistics.median(timed["step_ms"]) / 1e3
-  return {
-      "framework": "torch",
-      "model": model,
-      "batch_size": batch_size,
-      "precision": precision,
-      "params": params,
-      "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
-      "compile_s": timed["compile_s"],
-      "step_ms": 1e3 * step_s,
-      "step_ms_p10": float(np.percentile(timed["step_ms"], 10)),
-      "step_ms_p90": float(np.percentile(timed["step_ms"], 90)),
-      "examples_per_s": batch_size / step_s,
-      "torch_version": torch.__version__,
-      "threads": torch.get_num_threads(),
-  }
+  start = time.perf_counter()
+  step()  # compiles (torch.compile on GPU) and allocates
+  compile_s = time.perf_counter() - start
+
+  def run() -> float:
+    start = time.perf_counter()
+    step()  # synchronises itself
+    return time.perf_counter() - start
+
+  def result(times) -> Dict:
+    step_s = statistics.median(times)
+    return {
+        "framework": "torch",
+        "model": model,
+        "batch_size": batch_size,
+        "precision": precision,
+        "params": params,
+        "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+        "compile_s": compile_s,
+        "step_ms": 1e3 * step_s,
+        "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+        "examples_per_s": batch_size / step_s,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+  return _Side(run, result, params)

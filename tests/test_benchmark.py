@@ -66,10 +66,26 @@ def test_benchmark_entrypoint_json():
 @pytest.mark.parametrize("model,batch", [("lstm", 8), ("cnn", 8)])
 def test_compare_torch(model, batch):
   pytest.importorskip("torch")
-  jdl_side = benchmark.benchmark(model, batch_size=batch, steps=2, warmup=1)
-  torch_side = benchmark.benchmark_torch(model, batch_size=batch, steps=2, warmup=1,
-                                         expected_params=jdl_side["params"])
-  assert torch_side["params"] == jdl_side["params"] and torch_side["step_ms"] > 0
+  result = benchmark.compare_torch(model, batch_size=batch, steps=2, warmup=1)
+  torch_side = result["torch"]
+  assert torch_side["framework"] == "torch" and torch_side["params"] == result["params"]
+  assert torch_side["step_ms"] > 0 and result["step_ms"] > 0
+  assert result["ratio_vs_torch"] == pytest.approx(
+      result["examples_per_s"] / torch_side["examples_per_s"])
+
+
+def test_sides_are_timed_alternately_in_blocks():
+  calls = []
+
+  def side(name):
+    def run():
+      calls.append(name)
+      return 0.001 if name == "a" else 0.002
+    return benchmark._Side(run, lambda times: {"times": times}, params=0)
+
+  results = benchmark._time_sides({"a": side("a"), "b": side("b")}, steps=12, warmup=2, block=5)
+  assert calls == ["a"] * 2 + ["b"] * 2 + (["a"] * 5 + ["b"] * 5) * 2 + ["a"] * 2 + ["b"] * 2
+  assert results["a"]["times"] == [0.001] * 12 and results["b"]["times"] == [0.002] * 12
 
 
 MALLOC_PROBE = """
