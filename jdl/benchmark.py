@@ -162,9 +162,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
     if model not in ("lstm", "gru", "rnn"):
       raise ConfigError(f"rnn_implementation does not apply to model {model!r} (it is not recurrent)")
     from jdl.models import rnn
-    rnn.check_implementation(rnn_implementation, model, jnp.dtype(precision))
-    if rnn_implementation == "cudnn":
-      rnn.check_cudnn_backend()
+    rnn.check_implementation(rnn_implementation, model, jnp.dtype(precision), backend=True)
   if model == "dcgan":
     step, state, num_params = _dcgan_step(batch_size, precision, seed)
   else:

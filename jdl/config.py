@@ -158,9 +158,7 @@ def validate(config: TrainConfig) -> None:
     from jdl.models import rnn
     cell = models.build_model(config.model).cell
     dtype = "bfloat16" if config.precision == "bfloat16" else "float32"
-    rnn.check_implementation(config.rnn_implementation, cell, dtype)
-    if config.rnn_implementation == "cudnn":
-      rnn.check_cudnn_backend()
+    rnn.check_implementation(config.rnn_implementation, cell, dtype, backend=True)
 
   def check(ok, message):
     if not ok:

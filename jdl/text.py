@@ -101,9 +101,7 @@ def validate(config: TextConfig) -> None:
                "log_every", "sample_length", "keep_checkpoints"):
     check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
   check(config.steps >= 0, f"steps must be >= 0, got {config.steps}")
-  rnn.check_implementation(config.rnn_implementation, "lstm")
-  if config.rnn_implementation == "cudnn":
-    rnn.check_cudnn_backend()
+  rnn.check_implementation(config.rnn_implementation, "lstm", backend=True)
   check(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
   check(0.0 < config.validation_fraction < 1.0,
         f"validation_fraction must be in (0, 1), got {config.validation_fraction}")

@@ -65,8 +65,10 @@ def _check_cell(cell: str):
     raise ConfigError(f"unknown rnn cell {cell!r}; choose one of: {', '.join(GATES)}")
 
 
-def check_implementation(implementation: str, cell: str, dtype: Any = jnp.float32):
-  """ConfigError unless `implementation` can run `cell` in `dtype`.
+def check_implementation(implementation: str, cell: str, dtype: Any = jnp.float32,
+                         backend: bool = False):
+  """ConfigError unless `implementation` can run `cell` in `dtype` (and, with
+  backend=True, on this JAX backend: what entrypoints check before loading).
 
   'cudnn' is an LSTM-only, float32-only kernel (jax.experimental.rnn).
   """
@@ -80,6 +82,8 @@ def check_implementation(implementation: str, cell: str, dtype: Any = jnp.float3
     if jnp.dtype(dtype) != jnp.float32:
       raise ConfigError(f"rnn implementation 'cudnn' computes in float32 only, not "
                         f"{jnp.dtype(dtype).name}; use implementation 'scan' or float32")
+    if backend:
+      check_cudnn_backend()
 
 
 def check_cudnn_backend(backend: Optional[str] = None):
@@ -270,6 +274,11 @@ def _reverse_within(x, lengths):
   return jnp.take_along_axis(x, index, axis=1)
 
 
+def _reverse(x, lengths):
+  """x (B, T, ...) in reverse time order, within each length if lengths is given."""
+  return jnp.flip(x, 1) if lengths is None else _reverse_within(x, lengths)
+
+
 class RecurrentLayer(nn.Module):
   """One layer, one direction: (B, T, F) -> outputs (B, T, H), final state.
 
@@ -314,7 +323,7 @@ class RecurrentLayer(nn.Module):
     xp = x.astype(self.dtype) @ w_i + b_i[None, None, :]  # (B, T, G*H), all steps at once
     b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
     if self.reverse:
-      xp = jnp.flip(xp, 1) if lengths is None else _reverse_within(xp, lengths)
+      xp = _reverse(xp, lengths)
 
     xs = jnp.swapaxes(xp, 0, 1)  # (T, B, G*H): scan runs over the leading axis
     # After reversing within the length, the valid steps are still the first ones.
@@ -342,25 +351,27 @@ class RecurrentLayer(nn.Module):
 
     ys = jnp.swapaxes(ys, 0, 1)  # (B, T, H)
     if self.reverse:
-      ys = jnp.flip(ys, 1) if lengths is None else _reverse_within(ys, lengths)
+      ys = _reverse(ys, lengths)
     return ys, carry
 
   def _cudnn(self, x, lengths, weights):
     """The same layer through the cuDNN kernel; the scan path's semantics."""
     batch, steps, _ = x.shape
     x = x.astype(jnp.float32)
-    full = lengths is None
-    lengths = jnp.full((batch,), steps, jnp.int32) if full else lengths.astype(jnp.int32)
+    if lengths is not None:
+      lengths = lengths.astype(jnp.int32)
     if self.reverse:
-      x = jnp.flip(x, 1) if full else _reverse_within(x, lengths)
+      x = _reverse(x, lengths)
     # cuDNN wants lengths >= 1; an empty sequence keeps the zero state instead.
-    ys, carry = _cudnn_lstm(x, weights, jnp.maximum(lengths, 1), self.hidden_size)
-    if not full:  # Zeros past each length, whatever the kernel leaves there.
+    kernel_lengths = (jnp.full((batch,), steps, jnp.int32) if lengths is None
+                      else jnp.maximum(lengths, 1))
+    ys, carry = _cudnn_lstm(x, weights, kernel_lengths, self.hidden_size)
+    if lengths is not None:  # Zeros past each length, whatever the kernel leaves there.
       ys = jnp.where(jnp.arange(steps)[None, :, None] < lengths[:, None, None], ys, 0.0)
       empty = (lengths == 0)[:, None]  # (B, 1)
       carry = tuple(jnp.where(empty, 0.0, s) for s in carry)
     if self.reverse:
-      ys = jnp.flip(ys, 1) if full else _reverse_within(ys, lengths)
+      ys = _reverse(ys, lengths)
     return ys, carry
 
 
