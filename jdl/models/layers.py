@@ -195,8 +195,8 @@ def conv_transpose_2x(x, kernel):
   (i + u, j + v) near (i, j) of x[i + u, j + v] @ kernel[a, b], with the tap
   (a, b) the phase and offset pick (`_subpixel_taps`; about k / 2 offsets per
   axis and phase). So one (B*H*W, Cin) @ (Cin, k*k*Cout) matmul gives every tap's
-  contribution at every input pixel, and each phase adds up its (k / 2)^2
-  taps shifted by their offsets; the phases are then interleaved. No zero
+  contribution at every input pixel, and each phase adds up its taps
+  shifted by their offsets; the phases are then interleaved. No zero
   taps are multiplied (k*k per input pixel, as the transposed convolution
   itself). The gradient is two matmuls and the same shifts in reverse, which
   XLA:CPU computes several times faster than the gradient of the
