@@ -1,4 +1,4 @@
-"""PyTorch twins of three jdl models, for a side-by-side speed benchmark.
+"""PyTorch twins of five jdl models, for a side-by-side speed benchmark.
 
 Each twin has jdl's layers, widths, bias choices and BatchNorm placement, so the
 trainable parameter counts are equal (BatchNorm running statistics are torch
@@ -14,6 +14,10 @@ buffers, jdl's 'batch_stats'; they are not counted):
     'dcgan'  jdl.models.decoder Generator(g_width=128) + Discriminator(d_width=32)
              for 32x32x3 images, latent 100; jdl.gan.gan_train_step's update with
              real_label 0.9; Adam(2e-4, betas (0.5, 0.999)) for both.  538,468 params
+    'fastnet'  jdl.models.fastnet.FastNet (airbench94's net) on (B, 3, 32, 32)
+             SGD momentum 0.9, lr 0.1 (jdl 'momentum')                 1,971,640 params
+    'resnet18' jdl ResNet18 (stem='cifar') on (B, 3, 32, 32), same optimizer
+                                                                      11,173,962 params
 
 Known differences from jdl, none of which changes the work done per step:
   - RMSprop: torch puts eps outside the root, g / (sqrt(v) + eps); jdl (Keras)
@@ -38,7 +42,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-NAMES = ('cnn', 'lstm', 'dcgan')
+NAMES = ('cnn', 'lstm', 'dcgan', 'fastnet', 'resnet18')
+IMAGE_MODELS = ('cnn', 'dcgan', 'fastnet', 'resnet18')
 IMAGE_SHAPE = (3, 32, 32)  # (C, H, W) of the cnn's and the dcgan's images
 NUM_CLASSES = 10
 SEQUENCE_SHAPE = (40, 32)  # (T, F) of the lstm's inputs
@@ -178,11 +183,83 @@ class Discriminator(nn.Module):
     return self.head(self.features(images).flatten(1))[:, 0]
 
 
+class FastNet(nn.Module):
+  """jdl.models.fastnet.FastNet with its defaults (airbench94's net).
+
+  Whitening Conv(24, 2x2, valid, bias) + GELU, three groups of
+  Conv3x3 -> MaxPool2 -> BN -> GELU -> Conv3x3 -> BN -> GELU (no conv bias,
+  BatchNorm with a learned shift only: its scale is frozen at 1, eps 1e-12,
+  torch momentum 0.6), global max pool, Linear(no bias) * 1/9. GELU is the
+  exact (erf) one, as jdl's 'gelu'.
+  """
+
+  def __init__(self, widths=(64, 256, 256), whiten_width=24, num_classes=NUM_CLASSES,
+               logit_scale=1 / 9):
+    super().__init__()
+    self.whiten = nn.Conv2d(IMAGE_SHAPE[0], whiten_width, 2)
+    layers, channels = [], whiten_width
+    for width in widths:
+      bn1, bn2 = (nn.BatchNorm2d(width, eps=1e-12, momentum=0.6) for _ in range(2))
+      for bn in (bn1, bn2):
+        bn.weight.requires_grad_(False)  # shift only, as jdl's use_scale=False
+      layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2), bn1,
+                 nn.GELU(), nn.Conv2d(width, width, 3, padding=1, bias=False), bn2, nn.GELU()]
+      channels = width
+    self.groups = nn.Sequential(*layers)
+    self.head = nn.Linear(channels, num_classes, bias=False)
+    self.logit_scale = logit_scale
+
+  def forward(self, x):  # (B, C, 32, 32) -> logits (B, num_classes)
+    x = self.groups(F.gelu(self.whiten(x)))  # (B, 256, 3, 3)
+    return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
+
+
+class BasicBlock(nn.Module):
+  """torchvision's BasicBlock: two 3x3 convs with BN, identity or 1x1-conv shortcut."""
+
+  def __init__(self, channels, width, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(channels, width, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.downsample = None
+    if stride != 1 or channels != width:
+      self.downsample = nn.Sequential(nn.Conv2d(channels, width, 1, stride, bias=False),
+                                      nn.BatchNorm2d(width))
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+  """jdl ResNet18 with stem='cifar' (its default): 3x3 stride-1 stem, no max
+  pool, stages (64, 128, 256, 512) x 2 BasicBlocks, average pool, Linear."""
+
+  def __init__(self, widths=(64, 128, 256, 512), num_classes=NUM_CLASSES):
+    super().__init__()
+    self.conv1 = nn.Conv2d(IMAGE_SHAPE[0], widths[0], 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(widths[0])
+    blocks, channels = [], widths[0]
+    for i, width in enumerate(widths):
+      for j in range(2):
+        blocks.append(BasicBlock(channels, width, 2 if i > 0 and j == 0 else 1))
+        channels = width
+    self.blocks = nn.Sequential(*blocks)
+    self.fc = nn.Linear(channels, num_classes)
+
+  def forward(self, x):  # (B, C, H, W) -> logits (B, num_classes)
+    x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+    return self.fc(x.mean(dim=(2, 3)))
+
+
 def make_models(name: str) -> Dict[str, nn.Module]:
   """The named twin's modules, freshly initialised on the CPU: {'model'} or {'g', 'd'}.
 
   Arguments:
-    name: 'cnn', 'lstm' or 'dcgan'.
+    name: one of NAMES.
   """
   if name == 'cnn':
     return {'model': CNN()}
@@ -190,6 +267,10 @@ def make_models(name: str) -> Dict[str, nn.Module]:
     return {'model': LSTMClassifier()}
   if name == 'dcgan':
     return {'g': Generator(), 'd': Discriminator()}
+  if name == 'fastnet':
+    return {'model': FastNet()}
+  if name == 'resnet18':
+    return {'model': ResNet18()}
   raise ValueError(f'unknown torch reference model {name!r}; choose one of: {", ".join(NAMES)}')
 
 
@@ -197,7 +278,7 @@ def count_params(name: str) -> int:
   """Trainable parameters of the named twin (BatchNorm running stats excluded).
 
   Arguments:
-    name: 'cnn', 'lstm' or 'dcgan' (generator + discriminator).
+    name: one of NAMES ('dcgan': generator + discriminator).
   """
   return sum(p.numel() for m in make_models(name).values()
              for p in m.parameters() if p.requires_grad)
@@ -257,7 +338,7 @@ def build(name: str, batch_size: int, device: str = 'cpu', channels_last: bool =
   step's loss tensors, by name; reading them synchronises).
 
   Arguments:
-    name: 'cnn', 'lstm' or 'dcgan'.
+    name: one of NAMES.
     batch_size: examples per step (real images per step for the dcgan).
     device: torch device string, e.g. 'cpu' or 'cuda'.
     channels_last: NHWC memory format for the image models' weights and inputs.
@@ -266,7 +347,7 @@ def build(name: str, batch_size: int, device: str = 'cpu', channels_last: bool =
   """
   device = torch.device(device)
   modules = {k: m.to(device).train() for k, m in make_models(name).items()}
-  images = name in ('cnn', 'dcgan')
+  images = name in IMAGE_MODELS
   fmt = torch.channels_last if channels_last and images else torch.contiguous_format
   for m in modules.values():
     m.to(memory_format=fmt)
@@ -277,15 +358,18 @@ def build(name: str, batch_size: int, device: str = 'cpu', channels_last: bool =
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
   losses = {}
 
-  if name in ('cnn', 'lstm'):
-    shape = (batch_size, *IMAGE_SHAPE) if name == 'cnn' else (batch_size, *SEQUENCE_SHAPE)
+  if name != 'dcgan':
+    shape = (batch_size, *IMAGE_SHAPE) if images else (batch_size, *SEQUENCE_SHAPE)
     x = torch.randn(shape, generator=rng).to(device, memory_format=fmt)  # (B, C, H, W) or (B, T, F)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=rng).to(device)  # (B,)
     model, net = modules['model'], nets['model']
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if name == 'cnn':  # jdl's rmsprop: decay 0.9, eps 1e-7 (torch: outside the root)
-      opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
-    else:
-      opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+      opt = torch.optim.RMSprop(trainable, lr=1e-3, alpha=0.9, eps=1e-7)
+    elif name == 'lstm':
+      opt = torch.optim.Adam(trainable, lr=1e-3)
+    else:  # jdl's 'momentum' (optax.trace(0.9)) at the benchmark's learning rate 0.1
+      opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
 
     def step():
       opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from jdl.models import build_model  # noqa: E402
 from jdl.models.cnn import CNN  # noqa: E402
 from jdl.models.decoder import Discriminator, Generator  # noqa: E402
 from jdl.models.rnn import RNNClassifier, convert_torch_state_dict  # noqa: E402
@@ -27,12 +28,15 @@ def _jdl_param_count(name):
     return count_params(_jdl_variables(CNN(), (1, 32, 32, 3))['params'])
   if name == 'lstm':
     return count_params(_jdl_variables(RNNClassifier(**LSTM_KWARGS), (1, 40, 32))['params'])
+  if name in ('fastnet', 'resnet18'):
+    return count_params(_jdl_variables(build_model(name), (1, 32, 32, 3))['params'])
   g = _jdl_variables(Generator((32, 32, 3), 128), (1, 100))
   d = _jdl_variables(Discriminator(32), (1, 32, 32, 3))
   return count_params(g['params']) + count_params(d['params'])
 
 
-@pytest.mark.parametrize("name, expected", [("cnn", 528_054), ("lstm", 84_234), ("dcgan", 538_468)])
+@pytest.mark.parametrize("name, expected", [("cnn", 528_054), ("lstm", 84_234), ("dcgan", 538_468),
+                                            ("fastnet", 1_971_640), ("resnet18", 11_173_962)])
 def test_param_counts_equal_jdl(name, expected):
   jdl_count = _jdl_param_count(name)
   assert tr.count_params(name) == jdl_count
@@ -48,6 +52,14 @@ def test_dcgan_batch_norm_buffers_equal_jdl_batch_stats():
     buffers = sum(b.numel() for n, b in models[key].named_buffers()
                   if n.endswith(('running_mean', 'running_var')))
     assert buffers == stats
+
+
+@pytest.mark.parametrize("name", ["fastnet", "resnet18"])
+def test_batch_norm_buffers_equal_jdl_batch_stats(name):
+  stats = count_params(_jdl_variables(build_model(name), (1, 32, 32, 3))['batch_stats'])
+  buffers = sum(b.numel() for n, b in tr.make_models(name)['model'].named_buffers()
+                if n.endswith(('running_mean', 'running_var')))
+  assert buffers == stats
 
 
 def test_unknown_name_lists_known():
@@ -67,7 +79,8 @@ def test_step_trains(name):
     assert math.isfinite(float(loss))
   for key, module in step.modules.items():  # every network (G and D too) was updated
     changed = [not torch.equal(a, b) for a, b in zip(before[key], module.parameters())]
-    assert all(changed), (key, changed)
+    trainable = [p.requires_grad for p in module.parameters()]
+    assert changed == trainable, (key, changed)  # frozen ones (FastNet's BN scales) stay
 
 
 def test_dcgan_generator_pass_leaves_discriminator_running_stats():
@@ -111,3 +124,36 @@ def test_cnn_logits_equal_jdl():
   with torch.no_grad():
     expected = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()  # NCHW in
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
+def test_fastnet_logits_equal_jdl():
+  """The twin computes jdl's FastNet (eval mode, random BN shifts and statistics)."""
+  torch.manual_seed(0)
+  model = tr.FastNet().eval()
+  with torch.no_grad():
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+      bn.bias.normal_()
+      bn.running_mean.normal_()
+      bn.running_var.uniform_(0.5, 2.0)
+  numpy = lambda t: t.detach().numpy()
+  hwio = lambda conv: numpy(conv.weight.permute(2, 3, 1, 0))  # (O, I, kh, kw) -> (kh, kw, I, O)
+  params = {'whiten': {'kernel': hwio(model.whiten), 'bias': numpy(model.whiten.bias)},
+            'head': {'kernel': numpy(model.head.weight.t())}}
+  stats = {}
+  groups = list(model.groups)  # 7 modules per group: conv, pool, bn, gelu, conv, bn, gelu
+  for g in range(3):
+    conv1, _, bn1, _, conv2, bn2, _ = groups[7 * g:7 * g + 7]
+    params[f'group{g + 1}'] = {'conv1': {'kernel': hwio(conv1)}, 'conv2': {'kernel': hwio(conv2)},
+                               'bn1': {'bias': numpy(bn1.bias)}, 'bn2': {'bias': numpy(bn2.bias)}}
+    stats[f'group{g + 1}'] = {name: {'mean': numpy(bn.running_mean), 'var': numpy(bn.running_var)}
+                              for name, bn in (('bn1', bn1), ('bn2', bn2))}
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  logits, features = jax.jit(build_model('fastnet').apply)(
+      {'params': params, 'batch_stats': stats}, x)
+  with torch.no_grad():
+    torch_x = torch.from_numpy(x).permute(0, 3, 1, 2)
+    pooled = torch.amax(model.groups(torch.nn.functional.gelu(model.whiten(torch_x))), dim=(2, 3))
+    expected = model(torch_x).numpy()
+  # Tolerances relative to each output's scale (the logits are ~1e-4 here).
+  for got, want in ((features['pre_logits'], pooled.numpy()), (logits, expected)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
