@@ -104,7 +104,7 @@ def tune_malloc() -> bool:
   XLA:CPU allocates each executable's temporary buffer per call, and glibc
   serves blocks over 32 MB with a fresh mmap that is unmapped on free, so
   every training step page-faults its whole temp buffer in again: the cnn
-  step (batch 128) took ~10,000 minor faults (40 MB) and 43-50 ms, and 30-37
+  step (batch 128) took ~10,000 minor faults (40 MB) and 39-51 ms, and 30-35
   ms with this (BUILD_NOTES.md "Issue 6"). With mmap off (M_MMAP_MAX = 0),
   trimming off (M_TRIM_THRESHOLD = 2 GiB) and one arena (M_ARENA_MAX = 1:
   XLA's worker threads would otherwise allocate from per-thread heaps, which
