@@ -134,6 +134,15 @@ class _Side:
     self.run, self.result, self.params = run, result, params
 
 
+def _timing(times, batch_size: int) -> Dict:
+  """Median, p10 and p90 step time (ms) and examples/s of per-step `times` (s)."""
+  step_s = statistics.median(times)
+  return {"step_ms": 1e3 * step_s,
+          "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
+          "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+          "examples_per_s": batch_size / step_s}
+
+
 def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5) -> Dict[str, Dict]:
   """Times every side `steps` times after `warmup` calls, alternating between
   sides every `block` calls, so that a host that speeds up or slows down
@@ -207,7 +216,8 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   def result(times) -> Dict:
     if not np.isfinite(float(carry["loss"])):
       raise ConfigError(f"{model} produced a non-finite loss on synthetic data")
-    step_s = statistics.median(times)
+    timing = _timing(times, batch_size)
+    step_s = timing["step_ms"] / 1e3
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind, precision)
     memory = None
@@ -227,10 +237,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
         "compile_s": compile_s,
-        "step_ms": 1e3 * step_s,
-        "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
-        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
-        "examples_per_s": batch_size / step_s,
+        **timing,
         "flops_per_step": flops,
         "mfu": (flops / step_s / peak) if (flops and peak) else None,
         "peak_memory_bytes": memory,
@@ -331,7 +338,6 @@ def _torch_side(model: str, *, batch_size: int, precision: str,
     return time.perf_counter() - start
 
   def result(times) -> Dict:
-    step_s = statistics.median(times)
     return {
         "framework": "torch",
         "model": model,
@@ -340,10 +346,7 @@ def _torch_side(model: str, *, batch_size: int, precision: str,
         "params": params,
         "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
         "compile_s": compile_s,
-        "step_ms": 1e3 * step_s,
-        "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
-        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
-        "examples_per_s": batch_size / step_s,
+        **_timing(times, batch_size),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
     }
