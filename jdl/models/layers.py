@@ -196,33 +196,77 @@ def conv_transpose_2x(x, kernel):
   (a, b) the phase and offset pick (`_subpixel_taps`; about k / 2 offsets per
   axis and phase). So one (B*H*W, Cin) @ (Cin, k*k*Cout) matmul gives every tap's
   contribution at every input pixel, and each phase adds up its taps
-  shifted by their offsets; the phases are then interleaved. No zero
-  taps are multiplied (k*k per input pixel, as the transposed convolution
+  shifted by their offsets (`_add_taps`); the phases are then interleaved. No
+  zero taps are multiplied (k*k per input pixel, as the transposed convolution
   itself). The gradient is two matmuls and the same shifts in reverse, which
   XLA:CPU computes several times faster than the gradient of the
   input-dilated convolution behind `lax.conv_transpose` (fwd+bwd of a
   (64, 4, 4, 128) -> 64-channel layer, 2-core CPU: 97 ms that way, 25 ms as
-  a 3x3 stride-1 convolution with zero taps, 9-10 ms this way;
+  a 3x3 stride-1 convolution with zero taps, 6 ms this way;
   BUILD_NOTES.md "Issue 6"). Same values up to float rounding.
   """
   k = kernel.shape[0]
-  lo, hi, taps = _subpixel_taps(k)
   cin, cout = kernel.shape[2:]
   batch, height, width, _ = x.shape
   per_tap = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout)
-  per_tap = per_tap.reshape(batch, height, width, k, k, cout)  # contribution of tap (a, b) at (i, j)
-  # Pad so that input row i + u, u in [lo, hi], is padded row i + u - lo.
-  per_tap = jnp.pad(per_tap, ((0, 0), (-lo, hi), (-lo, hi), (0, 0), (0, 0), (0, 0)))
-  offsets = lambda phase: [(o, a) for (p, o), a in taps.items() if p == phase]
+  return _add_taps(per_tap.reshape(batch, height, width, k, k, cout))
+
+
+def _tap_offsets(kernel_size: int, phase: int):
+  """[(offset, tap)] of one output phase along one axis (`_subpixel_taps`)."""
+  _, _, taps = _subpixel_taps(kernel_size)
+  return [(o, a) for (p, o), a in taps.items() if p == phase]
+
+
+def _shift(x, u: int, v: int):
+  """x (B, H, W, C) moved by (u, v) rows and columns, zeros shifted in:
+  out[:, i, j] = x[:, i - u, j - v]."""
+  _, height, width, _ = x.shape
+  x = jnp.pad(x, ((0, 0), (max(u, 0), max(-u, 0)), (max(v, 0), max(-v, 0)), (0, 0)))
+  return x[:, max(-u, 0):max(-u, 0) + height, max(-v, 0):max(-v, 0) + width]
+
+
+@jax.custom_vjp
+def _add_taps(per_tap):
+  """(B, H, W, k, k, C) tap contributions -> (B, 2H, 2W, C): each output phase
+  (r, c) sums its taps (a, b), each shifted by its offsets (-u, -v).
+
+  The VJP is written out: the gradient of each tap is the phase's gradient
+  shifted back, the k*k of them stacked. JAX's own transpose of these slices
+  and adds is a sum of k*k zero-padded copies, one XLA:CPU fusion that reads
+  the gradient at k*k offsets and ran 2-3x slower than the whole layer
+  (fwd+bwd, B 64, 8x8x64 -> 16x16x32: 18.5 ms with it, 9.1 ms with this;
+  BUILD_NOTES.md "Issue 6").
+  """
+  batch, height, width, k, _, channels = per_tap.shape
   phases = []
   for r in (0, 1):
     row = []
     for c in (0, 1):
-      row.append(sum(per_tap[:, u - lo:u - lo + height, v - lo:v - lo + width, a, b, :]
-                     for u, a in offsets(r) for v, b in offsets(c)))  # (B, H, W, Cout)
-    phases.append(jnp.stack(row, 3))  # (B, H, W, c, Cout)
-  y = jnp.stack(phases, 2)  # (B, H, r, W, c, Cout)
-  return y.reshape(batch, 2 * height, 2 * width, cout)
+      row.append(sum(_shift(per_tap[:, :, :, a, b, :], -u, -v)
+                     for u, a in _tap_offsets(k, r) for v, b in _tap_offsets(k, c)))  # (B, H, W, C)
+    phases.append(jnp.stack(row, 3))  # (B, H, W, c, C)
+  return jnp.stack(phases, 2).reshape(batch, 2 * height, 2 * width, channels)  # (B, H, r, W, c, C)
+
+
+def _add_taps_fwd(per_tap):
+  return _add_taps(per_tap), per_tap.shape[3]
+
+
+def _add_taps_bwd(k, d_out):
+  batch, height2, width2, channels = d_out.shape
+  d_phase = d_out.reshape(batch, height2 // 2, 2, width2 // 2, 2, channels)
+  d_tap = {}
+  for r in (0, 1):
+    for c in (0, 1):
+      for u, a in _tap_offsets(k, r):
+        for v, b in _tap_offsets(k, c):
+          d_tap[a, b] = _shift(d_phase[:, :, r, :, c, :], u, v)  # (B, H, W, C)
+  stacked = jnp.stack([d_tap[a, b] for a in range(k) for b in range(k)], 3)  # (B, H, W, k*k, C)
+  return (stacked.reshape(batch, height2 // 2, width2 // 2, k, k, channels),)
+
+
+_add_taps.defvjp(_add_taps_fwd, _add_taps_bwd)
 
 
 class ConvTranspose2x(nn.Module):
