@@ -320,19 +320,24 @@ class RecurrentLayer(nn.Module):
     batch, steps, _ = x.shape
     if self.implementation == 'cudnn':
       return self._cudnn(x, lengths, pack_cudnn_lstm(w_i, w_h, b_i, b_h))
-    xp = x.astype(self.dtype) @ w_i + b_i[None, None, :]  # (B, T, G*H), all steps at once
-    b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
+    # Reverse and transpose the (B, T, F) inputs, not the G*H-wide projections:
+    # F is small, and the projections' gradient then needs no transpose either.
+    x = x.astype(self.dtype)
     if self.reverse:
-      xp = _reverse(xp, lengths)
-
-    xs = jnp.swapaxes(xp, 0, 1)  # (T, B, G*H): scan runs over the leading axis
+      x = _reverse(x, lengths)
+    x = jnp.swapaxes(x, 0, 1)  # (T, B, F): scan runs over the leading axis
     # After reversing within the length, the valid steps are still the first ones.
     valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]  # (T, B)
     if self.cell == 'lstm':
       if valid is not None:
         valid = valid[..., None].astype(self.dtype)  # (T, B, 1)
-      ys, carry = lstm_recurrence(xs + b_h[None], w_h, valid)  # b_h (1, 1, 4H)
+      # Both biases are added once, outside the loop: one (4H,) sum, one reduction
+      # in the gradient.
+      xs = x @ w_i + (b_i + b_h)[None, None, :]  # (T, B, 4H), all steps at once
+      ys, carry = lstm_recurrence(xs, w_h, valid)
     else:
+      xs = x @ w_i + b_i[None, None, :]  # (T, B, G*H), all steps at once
+      b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
       step = (_gru_step if self.cell == 'gru'
               else lambda h, *a: _rnn_step(activations.get(self.activation), h, *a))
       carry = jnp.zeros((batch, self.hidden_size), self.dtype)
