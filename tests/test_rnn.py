@@ -530,29 +530,34 @@ def plain_lstm_scan(xs, w_h, valid):
 
 
 @pytest.mark.parametrize('masked', [False, True])
-def test_lstm_recurrence_vjp_equals_autodiff_of_the_plain_scan(masked):
-  """Every gradient entry of the custom VJP, against jax.grad of a plain scan."""
-  from jdl.models.rnn import lstm_recurrence
-  steps, batch, hidden = 6, 4, 5
+def test_lstm_layer_vjp_equals_autodiff_of_the_plain_scan(masked):
+  """Every gradient entry of the custom VJP (inputs, both kernels, the bias),
+  against jax.grad of the input projection and a plain scan."""
+  from jdl.models.rnn import lstm_layer
+  steps, batch, features, hidden = 6, 4, 3, 5
   rng = np.random.RandomState(7)
-  xs = jnp.asarray(rng.randn(steps, batch, 4 * hidden), jnp.float32)
+  x = jnp.asarray(rng.randn(steps, batch, features), jnp.float32)
+  w_i = jnp.asarray(rng.randn(features, 4 * hidden) * 0.5, jnp.float32)
+  b = jnp.asarray(rng.randn(4 * hidden) * 0.5, jnp.float32)
   w_h = jnp.asarray(rng.randn(hidden, 4 * hidden) * 0.5, jnp.float32)
   lengths = np.array([6, 3, 1, 0])
   valid = (jnp.asarray(np.arange(steps)[:, None] < lengths[None, :], jnp.float32)[..., None]
            if masked else None)
   r_ys = jnp.asarray(rng.randn(steps, batch, hidden), jnp.float32)
   r_h, r_c = (jnp.asarray(rng.randn(batch, hidden), jnp.float32) for _ in range(2))
+  plain = lambda x, w_i, b, w_h, valid: plain_lstm_scan(x @ w_i + b[None, None, :], w_h, valid)
 
-  def loss(fn, xs, w_h):
-    ys, (h, c) = fn(xs, w_h, valid)
+  def loss(fn, *args):
+    ys, (h, c) = fn(*args, valid)
     return jnp.sum(ys * r_ys) + jnp.sum(h * r_h) + jnp.sum(jnp.sin(c) * r_c), (ys, h, c)
 
-  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1), has_aux=True))
-  got, got_out = grad(lstm_recurrence)(xs, w_h)
-  want, want_out = grad(plain_lstm_scan)(xs, w_h)
+  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3),
+                                     has_aux=True))
+  got, got_out = grad(lstm_layer)(x, w_i, b, w_h)
+  want, want_out = grad(plain)(x, w_i, b, w_h)
   for g, w in zip(got_out + got, want_out + want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6, rtol=1e-5)
-  if masked:  # nothing flows into the steps past each length
+  if masked:  # nothing flows into the inputs past each length
     assert not np.any(np.asarray(got[0])[np.asarray(valid)[..., 0] == 0])
 
 

@@ -25,7 +25,8 @@ per-gate slices named by suffix:
            h' = (1 - z) * n + z * h                             gates h W_hn + b_hn)
 
 Speed: x W_i + b_i for all time steps is one (B*T, F) @ (F, G*H) matmul before
-the scan; each scan step only computes h W_h. Compute runs in `dtype` (the carry
+the scan (four (F, H) ones for the LSTM, one per gate: see `lstm_layer`); each
+scan step only computes h W_h. Compute runs in `dtype` (the carry
 too), parameters stay float32.
 
 Init (Keras' defaults): input_kernel glorot-uniform, recurrent_kernel orthogonal
@@ -138,38 +139,36 @@ def _lstm_bias_init(hidden_size: int):
 # The rnn and gru steps take the carry h, the step's input projection
 # xp = x W_i + b_i (B, G*H), W_h (H, G*H) and b_h (1, G*H), and return the new
 # h; their gradients are JAX's autodiff of the scan. The LSTM's recurrence is
-# `lstm_recurrence` below.
+# `lstm_layer` below.
 
 
 def _rnn_step(act: Callable, h, xp, w_h, b_h):
   return act(xp + h @ w_h + b_h)
 
 
-# ------------------------------------------------- LSTM recurrence, fast on CPU
+# ------------------------------------------------------- LSTM layer, fast on CPU
 # XLA:CPU runs an elementwise fusion that reads one buffer at several offsets
 # (the four gate slices of h @ W_h) ~5x slower than one reading separate
 # buffers, and the autodiff of the plain scan is full of such fusions: the
 # LSTM cell's elementwise work took 4-5 ms of a 9 ms forward (B 64, T 40,
-# H 128; BUILD_NOTES.md "Issue 6"). `lstm_recurrence` keeps each gate in its
-# own buffer (four (H, H) matmuls per step forward) and has a hand-written
-# VJP: one (B, 4H) @ (4H, H) matmul per step backward, and the recurrent
-# kernel's gradient as one (H, T*B) @ (T*B, 4H) matmul after the loop.
+# H 128; BUILD_NOTES.md "Issue 6"). `lstm_layer` keeps each gate in its own
+# buffer (four (F, H) input projections, four (H, H) matmuls per step
+# forward) and has a hand-written VJP: one (B, 4H) @ (4H, H) matmul per step
+# backward, then every weight and bias gradient as one matmul after the loop.
 
 
-def _lstm_forward(xs, w_h, valid):
-  """The scan: (outputs (T, B, H), (h, c) final, residuals for the VJP).
+def _lstm_scan(gates_x, w_h, valid):
+  """The forward scan: (outputs (T, B, H), (h, c) final, residuals for the VJP).
 
-  xs: (T, B, 4H) input projections with both biases; w_h: (H, 4H);
-  valid: None or (T, B, 1) of 1.0 (step counts) / 0.0 (keep the carry).
-  Residuals, each (T, B, H): the carry's c after each step, the gate
-  activations i, f, g, o, and (with valid) the carry's h after each step
-  (without, that is the output).
+  gates_x: 4 x (T, B, H) input projections of gates i, f, g, o with both
+  biases; w_h: (H, 4H); valid: None or (T, B, 1) of 1.0 (step counts) / 0.0
+  (keep the carry). Residuals, each (T, B, H): the carry's c after each
+  step, the gate activations i, f, g, o, and (with valid) the carry's h
+  after each step (without, that is the output).
   """
-  steps, batch, four_h = xs.shape
-  hidden = four_h // 4
-  gates_x = jnp.split(xs, 4, axis=-1)  # 4 x (T, B, H): separate buffers
+  _, batch, hidden = gates_x[0].shape
   w_gates = jnp.split(w_h, 4, axis=-1)  # 4 x (H, H)
-  zeros = jnp.zeros((batch, hidden), xs.dtype)
+  zeros = jnp.zeros((batch, hidden), gates_x[0].dtype)
 
   def body(carry, inputs):
     h, c = carry
@@ -189,30 +188,40 @@ def _lstm_forward(xs, w_h, valid):
   return ys, carry, residuals
 
 
-@jax.custom_vjp
-def lstm_recurrence(xs, w_h, valid=None):
-  """LSTM over time from zero state: (outputs (T, B, H), (h, c) final).
+def _lstm_forward(x, w_i, b, w_h, valid):
+  """`lstm_layer`'s forward, with the residuals its VJP needs."""
+  steps, batch, features = x.shape
+  flat = x.reshape(steps * batch, features)
+  gates_x = [(flat @ w + b_gate[None, :]).reshape(steps, batch, -1)  # 4 x (T, B, H)
+             for w, b_gate in zip(jnp.split(w_i, 4, axis=-1), jnp.split(b, 4))]
+  return _lstm_scan(gates_x, w_h, valid)
 
-  The cell of the module docstring, with xs holding x W_i + b_i + b_h, and a
-  VJP written out by hand for speed on CPU.
+
+@jax.custom_vjp
+def lstm_layer(x, w_i, b, w_h, valid=None):
+  """One LSTM layer over time from zero state: (outputs (T, B, H), (h, c) final).
+
+  The cell of the module docstring, time-major, with a VJP written out by
+  hand for speed on CPU.
 
   Arguments:
-    xs: (T, B, 4H) input projections plus both biases, gates i, f, g, o.
-    w_h: (H, 4H) recurrent kernel.
+    x: (T, B, F) inputs.
+    w_i: (F, 4H) input kernel; b: (4H,) both biases summed; w_h: (H, 4H)
+      recurrent kernel; gates i, f, g, o along 4H.
     valid: None, or (T, B, 1) floats, 1.0 where step t of sequence b counts
       and 0.0 where the carry is kept and the output is zero.
   """
-  ys, carry, _ = _lstm_forward(xs, w_h, valid)
+  ys, carry, _ = _lstm_forward(x, w_i, b, w_h, valid)
   return ys, carry
 
 
-def _lstm_recurrence_fwd(xs, w_h, valid=None):
-  ys, carry, residuals = _lstm_forward(xs, w_h, valid)
-  return (ys, carry), (w_h, valid, ys, residuals)
+def _lstm_layer_fwd(x, w_i, b, w_h, valid=None):
+  ys, carry, residuals = _lstm_forward(x, w_i, b, w_h, valid)
+  return (ys, carry), (x, w_i, w_h, valid, ys, residuals)
 
 
-def _lstm_recurrence_bwd(saved, cotangents):
-  w_h, valid, ys, (c_seq, i, f, g, o, *h_seq) = saved  # each (T, B, H)
+def _lstm_layer_bwd(saved, cotangents):
+  x, w_i, w_h, valid, ys, (c_seq, i, f, g, o, *h_seq) = saved  # each (T, B, H)
   d_ys, (d_h_last, d_c_last) = cotangents
   w_t = w_h.T  # (4H, H)
   previous = lambda seq: jnp.concatenate([jnp.zeros_like(seq[:1]), seq[:-1]])  # carry entering t
@@ -243,14 +252,23 @@ def _lstm_recurrence_bwd(saved, cotangents):
 
   _, d_xs = jax.lax.scan(body, (d_h_last, d_c_last),
                          (d_ys, c_prev, i, f, g, o, tanh_c, valid), reverse=True)
+  steps, batch, features = x.shape
   hidden = w_h.shape[0]
+  d_xs = d_xs.reshape(steps * batch, 4 * hidden)
   h_prev = previous(h_seq[0] if h_seq else ys)
-  d_w_h = h_prev.reshape(-1, hidden).T @ d_xs.reshape(-1, 4 * hidden)  # (H, T*B) @ (T*B, 4H)
+  # Every weight and bias gradient in one (F + H + 1, T*B) @ (T*B, 4H) matmul:
+  # two or three smaller ones ran side by side on XLA:CPU's two threads and
+  # took longer than this one.
+  rows = jnp.concatenate([x.reshape(steps * batch, features), h_prev.reshape(steps * batch, hidden),
+                          jnp.ones((steps * batch, 1), x.dtype)], axis=-1)
+  d_w = rows.T @ d_xs  # (F + H + 1, 4H)
+  d_x = (d_xs @ w_i.T).reshape(steps, batch, features)
   d_valid = None if valid is None else jnp.zeros_like(valid)
-  return d_xs, d_w_h.astype(w_h.dtype), d_valid
+  return (d_x, d_w[:features].astype(w_i.dtype), d_w[-1].astype(w_i.dtype),
+          d_w[features:-1].astype(w_h.dtype), d_valid)
 
 
-lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
+lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
 
 
 def _gru_step(h, xp, w_h, b_h):
@@ -331,10 +349,7 @@ class RecurrentLayer(nn.Module):
     if self.cell == 'lstm':
       if valid is not None:
         valid = valid[..., None].astype(self.dtype)  # (T, B, 1)
-      # Both biases are added once, outside the loop: one (4H,) sum, one reduction
-      # in the gradient.
-      xs = x @ w_i + (b_i + b_h)[None, None, :]  # (T, B, 4H), all steps at once
-      ys, carry = lstm_recurrence(xs, w_h, valid)
+      ys, carry = lstm_layer(x, w_i, b_i + b_h, w_h, valid)  # biases summed once
     else:
       xs = x @ w_i + b_i[None, None, :]  # (T, B, G*H), all steps at once
       b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
