@@ -23,10 +23,12 @@ def option(default, help: str):
 def make_writable_dir(workdir: str) -> None:
   """Creates `workdir` if needed; ConfigError (one line) if it cannot be written."""
   import os
+  import tempfile
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    open(probe, "w").close()
+    # A probe of its own per process: the processes of a multi-host run share the workdir.
+    handle, probe = tempfile.mkstemp(prefix=".write_test", dir=workdir)
+    os.close(handle)
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None

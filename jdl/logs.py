@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from jdl.parallel import is_primary
+
 
 def read_jsonl(path: str) -> List[dict]:
   if not os.path.exists(path):
@@ -31,7 +33,8 @@ class MetricWriter:
 
   On resume, rows of epochs after the restored checkpoint (written before the
   run died but never checkpointed) are dropped, so the history always matches
-  the parameters.
+  the parameters. In a multi-host run only process 0 writes (every process
+  keeps the history, for its plots and results).
 
   Arguments:
     workdir: the run's directory.
@@ -42,13 +45,17 @@ class MetricWriter:
     from tensorboardX import SummaryWriter
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.history = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= resume_epoch]
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in self.history)
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb = None
+    if is_primary():
+      with open(self.path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self.history)
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, epoch: int, metrics: Dict[str, float]) -> None:
     row = {"epoch": epoch, "step": step, **{k: _json_safe(float(v)) for k, v in metrics.items()}}
     self.history.append(row)
+    if self._tb is None:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for name, value in metrics.items():
@@ -57,17 +64,23 @@ class MetricWriter:
 
   def add_image(self, tag: str, png_path: str, step: int) -> None:
     """Logs a PNG file (e.g. a sample grid) to TensorBoard's images tab."""
+    if self._tb is None:
+      return
     from PIL import Image
     image = np.asarray(Image.open(png_path).convert("RGB"))  # (H, W, 3) uint8
     self._tb.add_image(tag, image, step, dataformats="HWC")
     self._tb.flush()
 
   def close(self) -> None:
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
 def write_json(path: str, obj) -> None:
-  """Writes JSON atomically (temp file + rename): never a half-written file."""
+  """Writes JSON atomically (temp file + rename): never a half-written file.
+  Only process 0 of a multi-host run writes."""
+  if not is_primary():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)

@@ -12,7 +12,11 @@ additions in those reductions.
 Multi-host: start every process with the same flags plus
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
 (`initialize_distributed` calls `jax.distributed.initialize`); `jax.devices()`
-then lists the devices of all hosts and the same mesh spans them.
+then lists the devices of all hosts and the same mesh spans them. The
+workdir must be one shared directory: orbax writes each checkpoint from all
+processes together, and jdl's own files (metrics.jsonl, TensorBoard events,
+config.json, results.json, plots) are written by process 0 only
+(`is_primary`), so that they hold each row once.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -22,6 +26,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jdl.errors import ConfigError
 
 AXIS = "data"
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files: process 0 (always, on one host)."""
+  return jax.process_index() == 0
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:

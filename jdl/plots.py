@@ -70,7 +70,12 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
 
 
 def _save(fig, path: str, title: str = "") -> str:
-  """Titles, lays out and writes `fig` as a PNG (creating its directory); returns `path`."""
+  """Titles, lays out and writes `fig` as a PNG (creating its directory); returns `path`.
+  Only process 0 of a multi-host run writes."""
+  from jdl.parallel import is_primary
+  if not is_primary():
+    _pyplot().close(fig)
+    return path
   if title:
     fig.suptitle(title)
   fig.tight_layout()
