@@ -65,6 +65,7 @@ from jdl.data import Dataset, load_dataset, pipeline, shapes, split_validation
 from jdl.errors import CheckpointError, ConfigError
 from jdl.logs import read_jsonl, write_json
 from jdl.models import layers
+from jdl.parallel import is_primary
 
 SCENARIOS = ("small_similar", "small_different", "large_similar", "large_different")
 FROZEN_BACKBONE = ("^backbone/",)  # freeze patterns of a fully frozen backbone
@@ -426,7 +427,10 @@ class FeatureCache:
     return arrays if stored == key else None
 
   def save(self, key: str, arrays: Dict[str, np.ndarray]) -> None:
-    """Writes atomically (temp file + rename): never a half-written cache."""
+    """Writes atomically (temp file + rename): never a half-written cache. Only
+    process 0 of a multi-host run writes (the processes share the workdir)."""
+    if not is_primary():
+      return
     tmp = self.path + ".tmp.npz"
     np.savez(tmp, fingerprint=np.array(key), **arrays)
     os.replace(tmp, self.path)

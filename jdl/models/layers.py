@@ -173,8 +173,8 @@ def check_cut(model: nn.Module, features: dict) -> None:
 
 def _subpixel_taps(kernel_size: int):
   """For out = ConvTranspose(k, stride 2, 'SAME') (Flax/lax semantics, kernel not flipped):
-  output row 2i + r (phase r in {0, 1}) reads input rows i + o, o in [lo, hi], with
-  kernel tap a(r, o). Returns (lo, hi, {(r, o): a}).
+  output row 2i + r (phase r in {0, 1}) reads input rows i + o with kernel tap
+  a(r, o). Returns {(r, o): a}.
 
   lax pads the 2x-dilated input by pad_lo = ceil((k + s - 2) / 2) (k - 1 when
   s > k - 1) and correlates; dilated row m holds input row m / 2 when m is even,
@@ -182,9 +182,7 @@ def _subpixel_taps(kernel_size: int):
   """
   k, s = kernel_size, 2
   pad_lo = k - 1 if s > k - 1 else -(-(k + s - 2) // 2)
-  taps = {(r, (r + a - pad_lo) // 2): a for r in (0, 1) for a in range(k) if (r + a - pad_lo) % 2 == 0}
-  offsets = [o for _, o in taps]
-  return min(offsets), max(offsets), taps
+  return {(r, (r + a - pad_lo) // 2): a for r in (0, 1) for a in range(k) if (r + a - pad_lo) % 2 == 0}
 
 
 def conv_transpose_2x(x, kernel):
@@ -214,8 +212,7 @@ def conv_transpose_2x(x, kernel):
 
 def _tap_offsets(kernel_size: int, phase: int):
   """[(offset, tap)] of one output phase along one axis (`_subpixel_taps`)."""
-  _, _, taps = _subpixel_taps(kernel_size)
-  return [(o, a) for (p, o), a in taps.items() if p == phase]
+  return [(o, a) for (p, o), a in _subpixel_taps(kernel_size).items() if p == phase]
 
 
 def _shift(x, u: int, v: int):
