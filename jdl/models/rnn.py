@@ -173,15 +173,15 @@ def _lstm_scan(xs, w_h, valid):
   zeros = jnp.zeros((batch, hidden), xs.dtype)
   # All four activations as one tanh over (B, 4H), sigmoid(a) = 0.5 tanh(a / 2)
   # + 0.5 on the i, f, o blocks: one elementwise pass instead of four.
-  half, one = jnp.full((hidden,), 0.5), jnp.ones((hidden,))
+  half, one, zero = (jnp.full((hidden,), v) for v in (0.5, 1.0, 0.0))
   scale = jnp.concatenate([half, half, one, half]).astype(xs.dtype)[None, :]  # (1, 4H)
-  shift = jnp.concatenate([half, half, 0 * one, half]).astype(xs.dtype)[None, :]
+  shift = jnp.concatenate([half, half, zero, half]).astype(xs.dtype)[None, :]
 
   def body(carry, inputs):
     h, c = carry
     x_t, m = inputs
-    activations = jnp.tanh((x_t + h @ w_h) * scale) * scale + shift  # (B, 4H)
-    i, f, g, o = jnp.split(activations, 4, axis=-1)
+    gates = jnp.tanh((x_t + h @ w_h) * scale) * scale + shift  # (B, 4H) activations
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
     c_new = f * c + i * g
     h_new = o * jnp.tanh(c_new)
     if m is None:
