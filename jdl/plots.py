@@ -2,6 +2,8 @@
 import os
 from typing import List, Sequence
 
+from jdl.parallel import is_primary
+
 
 def _pyplot():
   """matplotlib.pyplot on the file-only Agg backend, imported on first use.
@@ -26,8 +28,10 @@ def plot_learning_curves(history: List[dict], path: str, title: str = "",
     metrics: the panels; row keys are f"train_{metric}" and f"val_{metric}".
     x: the row key on the horizontal axis ('epoch' or 'step').
   Returns:
-    `path`.
+    `path` (written by process 0 only in a multi-host run).
   """
+  if not is_primary():
+    return path
   epochs = [r[x] for r in history]
   fig, axes = _pyplot().subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
   for ax, metric in zip(axes[0], metrics):
@@ -54,8 +58,10 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
     title: a figure title.
     x: the row key on the horizontal axis.
   Returns:
-    `path`.
+    `path` (written by process 0 only in a multi-host run).
   """
+  if not is_primary():
+    return path
   fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
   for ax, (name, keys) in zip(axes[0], panels.items()):
     for key in keys:
@@ -70,12 +76,7 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
 
 
 def _save(fig, path: str, title: str = "") -> str:
-  """Titles, lays out and writes `fig` as a PNG (creating its directory); returns `path`.
-  Only process 0 of a multi-host run writes."""
-  from jdl.parallel import is_primary
-  if not is_primary():
-    _pyplot().close(fig)
-    return path
+  """Titles, lays out and writes `fig` as a PNG (creating its directory); returns `path`."""
   if title:
     fig.suptitle(title)
   fig.tight_layout()
