@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdl import checkpoint
+from jdl import checkpoint, parallel
 from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
 from jdl.errors import ConfigError, Interrupted
@@ -166,11 +166,18 @@ def save_comparison(state: TrainState, images, path: str) -> str:
                          nrow=len(images))
 
 
-def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=print) -> dict:
-  """Trains the colorizer as `config` says, resuming from its workdir."""
+def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = True,
+        log=print) -> dict:
+  """Trains the colorizer as `config` says, resuming from its workdir.
+
+  With more than one device (`devices`, default all) each step is data
+  parallel, as in jdl.train.fit.
+  """
   from tqdm import tqdm
   start_time = time.time()
   validate_config(config)
+  mesh = parallel.data_mesh(devices)
+  parallel.check_batch_size(config.batch_size, mesh)
   if dataset is None:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, num_train=config.num_train or None,
                            num_test=config.num_test or None, seed=config.seed, download=config.download)
@@ -191,6 +198,10 @@ def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=prin
   variables = jax.jit(model.init)(init_key, jnp.zeros((1, *shape[:2], 1)))
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                             tx=optax.adam(config.learning_rate), batch_stats=variables["batch_stats"])
+  state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
+  if mesh is not None:
+    log(parallel.describe(mesh, config.batch_size))
+  batch_sharding = parallel.shardings(mesh)[1]
   # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
   mean_colour = to_unit(images.reshape(-1, 3).mean(0))
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
@@ -202,7 +213,7 @@ def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=prin
     meta.update(saved)
     log(f"Resuming from {workdir}: epoch {meta['epoch']} done, step {int(state.step)}")
   writer = MetricWriter(workdir, meta["epoch"])
-  data = jax.device_put(images)
+  data = parallel.replicate(images, mesh)
   steps_per_epoch = len(images) // config.batch_size
   shown = dataset.test[0][:8]
 
@@ -210,7 +221,8 @@ def fit(config: ColorizeConfig, dataset=None, *, progress: bool = True, log=prin
   def train_fn(state, sums, data, order, index):
     """sums: {'loss': summed over good steps, 'skipped': count of bad ones}."""
     idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)
-    state, loss, status = train_step(state, to_unit(data[idx]))
+    batch = parallel.shard_batch(data[idx], batch_sharding)
+    state, loss, status = train_step(state, to_unit(batch))
     bad = (status > 0).astype(jnp.float32)
     return state, {"loss": sums["loss"] + jnp.where(status > 0, 0.0, loss),
                    "skipped": sums["skipped"] + bad}, status

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jdl import parallel
 from jdl.config import make_writable_dir, option
 from jdl.data import pipeline
 from jdl.errors import ConfigError, Interrupted
@@ -291,7 +292,7 @@ def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> str:
     nrow: images per row.
     padding: border pixels between and around images.
   Returns:
-    `path`.
+    `path` (written by process 0 only).
   """
   from PIL import Image
 
@@ -309,8 +310,9 @@ def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> str:
     top = padding + (i // cols) * (height + padding)
     left = padding + (i % cols) * (width + padding)
     grid[top:top + height, left:left + width] = image
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+  if parallel.is_primary():  # one writer in a multi-host run's shared workdir
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
   return path
 
 
@@ -469,7 +471,8 @@ class Scorer:
             np.concatenate([np.asarray(p) for _, p in out]))
 
 
-def train_scorer(config: GANConfig, dataset, workdir: str, log=print) -> Tuple[Scorer, float]:
+def train_scorer(config: GANConfig, dataset, workdir: str, log=print,
+                 devices=None) -> Tuple[Scorer, float]:
   """The scoring classifier: restored from --classifier_workdir or trained (cnn).
 
   Returns (scorer, its test accuracy).
@@ -481,7 +484,10 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print) -> Tuple[S
   # Augmentation and a cosine schedule: on shapes_plain 30 such epochs give a
   # cnn 94.5% test accuracy against 79.6% for 8 plain ones (BUILD_NOTES.md,
   # issue 5), and a scorer that misreads real images misreads samples too.
+  devices = list(devices) if devices is not None else jax.devices()
   batch_size = max(1, min(128, int(len(dataset.train[1]) * 0.9) // 2))
+  if batch_size >= len(devices):  # a multiple of the device count, to be data parallel
+    batch_size -= batch_size % len(devices)
   cnn_config = TrainConfig(dataset=config.dataset, data_dir=config.data_dir, model="cnn",
                            epochs=config.classifier_epochs, num_train=config.num_train,
                            batch_size=batch_size, augment=True, schedule="cosine",
@@ -494,7 +500,9 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print) -> Tuple[S
     # Its own directory wherever it now lies; a finished run only re-evaluates.
     cnn_config = dataclasses.replace(cnn_config, workdir=config.classifier_workdir)
   log(f"Scoring classifier: {cnn_config.model} in {cnn_config.workdir}")
-  state, results = train.fit(cnn_config, dataset, log=lambda line: None)
+  if cnn_config.batch_size % len(devices):  # a stored or tiny batch: one device
+    devices = devices[:1]
+  state, results = train.fit(cnn_config, dataset, devices=devices, log=lambda line: None)
   train_split, _ = split_validation(dataset.train, cnn_config.validation_fraction, cnn_config.seed)
   mean, std = pipeline.channel_stats(train_split[0])  # as jdl.train normalised its inputs
   return Scorer(state, mean, std), results["test_accuracy"]
@@ -557,12 +565,15 @@ def label_report(state: GANState, scorer: Scorer, key, per_class: int = 200) -> 
           "noise_effect": float(np.abs(images[:, :half] - images[:, half:2 * half]).mean())}
 
 
-def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) -> dict:
+def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True, log=print) -> dict:
   """Trains a DCGAN as `config` says, resuming from its workdir.
 
   Each epoch: the step loop, a grid of samples from fixed noise (PNG and
   TensorBoard), and the Fréchet distance in the scoring classifier's feature
-  space. Returns the dict also written to WORKDIR/results.json.
+  space. Returns the dict also written to WORKDIR/results.json. With more
+  than one device (`devices`, default all) each step is data parallel, as in
+  jdl.train.fit: BatchNorm statistics and gradients are those of the whole
+  batch.
   """
   from tqdm import tqdm
   from jdl import checkpoint
@@ -575,6 +586,8 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
 
   start_time = time.time()
   validate_config(config)
+  mesh = parallel.data_mesh(devices)
+  parallel.check_batch_size(config.batch_size, mesh)
   if dataset is None:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir, num_train=config.num_train or None,
                            seed=config.seed, download=config.download)
@@ -616,7 +629,7 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
     summary = summarize(module, shape, call_kwargs=({"labels": label_args[0]} if num_classes else None))
     log(f"{name} on {dataset.name} {dataset.input_shape}\n{summary}")
 
-  scorer, classifier_accuracy = train_scorer(config, dataset, workdir, log)
+  scorer, classifier_accuracy = train_scorer(config, dataset, workdir, log, devices)
   eval_images = dataset.test[0][:config.num_eval]
   real_features, _ = scorer(eval_images)
 
@@ -624,6 +637,10 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
   g_tx, d_tx = make_optimizers(config.learning_rate, config.beta1)
   state = create_gan_state(generator, discriminator, dataset.input_shape, config.latent_dim,
                            init_key, g_tx=g_tx, d_tx=d_tx)
+  if mesh is not None:
+    state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
+    log(parallel.describe(mesh, config.batch_size))
+  _, batch_sharding = parallel.shardings(mesh)
   steps_per_epoch = len(labels) // config.batch_size
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   meta = {"epoch": 0, "step_in_epoch": 0, "partial_sums": None, "train_time_s": 0.0,
@@ -637,13 +654,14 @@ def fit(config: GANConfig, dataset=None, *, progress: bool = True, log=print) ->
     meta["initial_quality"] = sample_quality(state, scorer, real_features, eval_key,
                                              len(eval_images), num_classes)
   writer = MetricWriter(workdir, meta["epoch"])
-  data = jax.device_put({"images": images, "labels": labels})
+  data = parallel.replicate({"images": images, "labels": labels}, mesh)
   z_grid, labels_grid = fixed_noise(config, num_classes)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_fn(state, sums, data, order, index, step_key):
     batch_images, batch_labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                                      config.batch_size)
+    batch_images, batch_labels = parallel.shard_batch((batch_images, batch_labels), batch_sharding)
     state, metrics = gan_train_step(state, to_unit_range(batch_images), batch_labels,
                                     jax.random.fold_in(step_key, state.step), config.real_label,
                                     config.class_loss_weight, config.d_augment)

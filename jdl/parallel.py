@@ -1,7 +1,8 @@
 """Data parallelism over devices with jax.sharding, and multi-host start-up.
 
-With more than one device, `train.fit` lays out a one-axis Mesh ('data') over
-them: the dataset, parameters, optimizer state and BatchNorm statistics are
+With more than one device, every training loop (`train.fit` for cifar,
+sequence and transfer; `gan.fit`, `text.fit`, `colorize.fit`) lays out a
+one-axis Mesh ('data') over them: the dataset, parameters, optimizer state and BatchNorm statistics are
 replicated, and each batch is sharded along its first axis by a sharding
 constraint inside the jitted step. XLA's SPMD partitioner then runs each
 device on its slice and all-reduces the gradients (and BatchNorm's batch
@@ -46,6 +47,27 @@ def shardings(mesh: Optional[Mesh]) -> Tuple[Optional[NamedSharding], Optional[N
   if mesh is None:
     return None, None
   return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def replicate(tree, mesh: Optional[Mesh]):
+  """`tree` on every device of `mesh`, or on the default device without one."""
+  return jax.device_put(tree, None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(tree, batch_sharding: Optional[NamedSharding]):
+  """Inside a jitted step: every array of `tree` split along axis 0 over the mesh.
+
+  A sharding constraint, not a transfer: the batch is gathered on every
+  device from the replicated dataset, and XLA keeps each device's slice.
+  """
+  return tree if batch_sharding is None else jax.lax.with_sharding_constraint(tree, batch_sharding)
+
+
+def describe(mesh: Optional[Mesh], batch_size: int) -> Optional[str]:
+  """The log line of a data-parallel run, or None on one device."""
+  if mesh is None:
+    return None
+  return f"Data parallel over {mesh.size} devices: batch {batch_size} = {mesh.size} x {batch_size // mesh.size}"
 
 
 def check_batch_size(batch_size: int, mesh: Optional[Mesh]) -> None:

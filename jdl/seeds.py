@@ -15,6 +15,10 @@ better than N processes one after another.
     results = seeds.fit_seeds(dataclasses.replace(config, num_seeds=4))
     results['test_accuracy']  # {'mean': ..., 'std': ..., 'per_seed': [...]}
 
+With several devices the replicas are spread over them, the same number on
+each (`replica_mesh`): the stacked states are sharded along the replica
+axis and the dataset is replicated, so the devices never exchange a value.
+
 Each epoch ends with one checkpoint of the stacked states (rerunning resumes
 at an epoch boundary). Early stopping is per run and so not offered here; the
 figures are those after the last epoch.
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import checkpoint, train
+from jdl import checkpoint, parallel, train
 from jdl.config import TrainConfig, validate
 from jdl.data import Dataset, pipeline
 from jdl.errors import ConfigError, TrainingError
@@ -45,7 +49,16 @@ def _mean_std(values) -> Dict[str, object]:
   return {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": values}
 
 
-def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
+def replica_mesh(num_seeds: int, devices=None):
+  """A mesh over the most devices (of `devices`, default all) that share the
+  replicas evenly, or None when that is one device: 4 seeds on 8 devices use
+  4 of them, 6 seeds on 4 devices use 3, 5 on 2 use 1."""
+  devices = list(devices) if devices is not None else jax.devices()
+  count = max(d for d in range(1, len(devices) + 1) if num_seeds % d == 0)
+  return parallel.data_mesh(devices[:count])
+
+
+def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *, devices=None,
               progress: bool = True, log=print):
   """Trains `config.num_seeds` replicas at once; returns (stacked states, results).
 
@@ -57,17 +70,21 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   num_seeds = config.num_seeds
   if config.early_stopping_patience:
     raise ConfigError("--num_seeds > 1 trains every replica for --epochs; drop --early_stopping_patience")
-  if len(jax.devices()) > 1:
-    raise ConfigError("--num_seeds > 1 runs on one device (the replicas are the parallel axis); "
-                      "data parallel runs take one seed")
+  if jax.process_count() > 1:
+    raise ConfigError("--num_seeds > 1 runs in one process (on all of its devices); "
+                      "multi-host runs take one seed")
+  mesh = replica_mesh(num_seeds, devices)
+  # The replica axis (0 of every stacked array) is the mesh's one axis.
+  replicated, by_replica = parallel.shardings(mesh)
   workdir, created = train.prepare_workdir(config)
   dataset, train_split, val, (mean, std) = train.start_run(config, dataset, workdir, created)
   num_train, num_classes = len(train_split[1]), dataset.num_classes
   steps_per_epoch = num_train // config.batch_size
-  data = jax.device_put({"images": train_split[0], "labels": train_split[1], "mean": mean, "std": std})
+  data = parallel.replicate({"images": train_split[0], "labels": train_split[1], "mean": mean,
+                             "std": std}, mesh)
   eval_batch_size = min(1000, max(len(dataset.test[1]), 1))
-  val_batched = train.batch_for_eval(val, eval_batch_size) if len(val[1]) else None
-  test_batched = train.batch_for_eval(dataset.test, eval_batch_size)
+  val_batched = train.batch_for_eval(val, eval_batch_size, replicated) if len(val[1]) else None
+  test_batched = train.batch_for_eval(dataset.test, eval_batch_size, replicated)
 
   # --- N states, each from the keys train.fit would derive from its seed. ---
   model = train.build_classifier(config, num_classes)
@@ -76,8 +93,11 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s, impl=PRNG_IMPL), 3))(seeds)  # (N, 3)
   init_keys, data_keys, step_keys = keys[:, 0], keys[:, 1], keys[:, 2]
   states = jax.vmap(lambda k: train.create_train_state(model, dataset.input_shape, tx, k))(init_keys)
+  # Before restoring, which keeps these shardings.
+  states, data_keys, step_keys = jax.device_put((states, data_keys, step_keys), by_replica)
   log(f"{num_seeds} replicas of {config.model} (seeds {config.seed}..{config.seed + num_seeds - 1}) "
-      f"on {dataset.name}, one vmapped step")
+      f"on {dataset.name}, one vmapped step"
+      + (f", {num_seeds // mesh.size} on each of {mesh.size} devices" if mesh is not None else ""))
 
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   meta = {"epoch": 0, "train_time_s": 0.0}
@@ -99,8 +119,8 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
 
   def evaluate(batched):
     images, labels, mask = batched
-    sums = {k: jnp.zeros((num_seeds,), jnp.float32)
-            for k in train.metric_names(num_classes, train=False)}
+    sums = jax.device_put({k: jnp.zeros((num_seeds,), jnp.float32)
+                           for k in train.metric_names(num_classes, train=False)}, by_replica)
     for i in range(images.shape[0]):
       sums = eval_fn(states, sums, images[i], labels[i], mask[i], (data["mean"], data["std"]))
     sums = jax.device_get(sums)
@@ -110,7 +130,7 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   for epoch in range(meta["epoch"] + 1, config.epochs + 1):
     epoch_start = time.time()
     orders = orders_fn(data_keys, epoch, num_train)  # (N, num_train)
-    sums = {k: jnp.zeros((num_seeds,), jnp.float32) for k in names}
+    sums = jax.device_put({k: jnp.zeros((num_seeds,), jnp.float32) for k in names}, by_replica)
     with tqdm(total=steps_per_epoch * config.batch_size * num_seeds, unit="ex", unit_scale=True,
               desc=f"epoch {epoch}/{config.epochs} x{num_seeds}", disable=not progress,
               leave=False, file=sys.stderr, mininterval=0.5) as bar:

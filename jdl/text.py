@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, optim
+from jdl import checkpoint, optim, parallel
 from jdl.config import make_writable_dir, option
 from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted
 from jdl.logs import MetricWriter, write_json
@@ -239,7 +239,7 @@ def create_state(model: LanguageModel, config: TextConfig, key) -> train_state.T
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-def make_train_step(batch_size: int, seq_len: int):
+def make_train_step(batch_size: int, seq_len: int, batch_sharding=None):
   """Returns the jitted step (state, tokens, step_key) -> (state, loss, status).
 
   tokens: (N,) int32, the whole training text on the device. Step s draws
@@ -247,12 +247,15 @@ def make_train_step(batch_size: int, seq_len: int):
   the same windows. A step with a non-finite loss or gradient is not applied
   (only the step counter moves); `status` (int32: 0 good, 1 non-finite loss,
   2 non-finite gradients, as jdl.train.step_status) tells the loop.
+  With `batch_sharding` (data parallel, see jdl.parallel) the windows are
+  split over the devices along the batch axis.
   """
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, tokens, step_key):
     window_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     starts = jax.random.randint(window_key, (batch_size, 1), 0, tokens.shape[0] - seq_len)
     windows = tokens[starts + jnp.arange(seq_len + 1)[None, :]]  # (B, L + 1)
+    windows = parallel.shard_batch(windows, batch_sharding)
     inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, L) each
 
     def loss_fn(params):
@@ -448,16 +451,19 @@ def sample_only(config: TextConfig, log=print) -> str:
   return report
 
 
-def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
+def fit(config: TextConfig, *, devices=None, progress: bool = True, log=print) -> dict:
   """Trains the character LSTM as `config` says, resuming from its workdir.
 
   Returns the dict also written to WORKDIR/results.json: validation bits per
   character of the best checkpoint, the bigram baseline's, the margin, and the
-  samples at each temperature.
+  samples at each temperature. With more than one device (`devices`, default
+  all) each step is data parallel, as in jdl.train.fit.
   """
   from tqdm import tqdm
   start_time = time.time()
   validate(config)
+  mesh = parallel.data_mesh(devices)
+  parallel.check_batch_size(config.batch_size, mesh)
   corpus = load_corpus(config)
   workdir = _prepare_workdir(config)
   _check_same_run(workdir, config, corpus.vocab)
@@ -471,7 +477,9 @@ def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
   log(str(summarize(model, (config.seq_len,), input_dtype=jnp.int32)))
 
   init_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
-  state = create_state(model, config, init_key)
+  state = parallel.replicate(create_state(model, config, init_key), mesh)  # before restoring
+  if mesh is not None:
+    log(parallel.describe(mesh, config.batch_size))
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   # partial_loss_sum/count: the training loss summed since the last evaluation,
   # saved when a SIGTERM stops between evaluations, so the resumed segment's
@@ -485,9 +493,9 @@ def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
     log(f"Resuming from {workdir} at step {meta['step']}")
   writer = MetricWriter(workdir, meta["evals"])
 
-  tokens = jax.device_put(corpus.train)
+  tokens = parallel.replicate(corpus.train, mesh)
   windows = validation_windows(corpus.val, config.seq_len)
-  train_step = make_train_step(config.batch_size, config.seq_len)
+  train_step = make_train_step(config.batch_size, config.seq_len, parallel.shardings(mesh)[1])
   eval_fn = make_eval_fn(model)
   with StopSignals() as stop, tqdm(total=config.steps, initial=meta["step"], unit="step",
                                    desc="training", disable=not progress, leave=False,
@@ -547,8 +555,9 @@ def fit(config: TextConfig, *, progress: bool = True, log=print) -> dict:
   writer.close()
   ckpts.close()
   report, sample_rows = samples_report(model, params, corpus.vocab, config)
-  with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
-    f.write(report)
+  if parallel.is_primary():
+    with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
+      f.write(report)
   log(report)
   curves = None
   if writer.history:

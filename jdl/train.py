@@ -224,8 +224,7 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_
   def train_fn(state, sums, data, order, index, step_key):
     images, labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                          config.batch_size)
-    if batch_sharding is not None:
-      images, labels = jax.lax.with_sharding_constraint((images, labels), batch_sharding)
+    images, labels = parallel.shard_batch((images, labels), batch_sharding)
     aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     images = pipeline.normalize(images, data["mean"], data["std"], dtype)
     if config.augment:
@@ -247,8 +246,7 @@ def make_eval_fn(config: TrainConfig, top_k: int = 5, batch_sharding=None):
 
   @jax.jit
   def eval_fn(state, sums, images, labels, mask, stats):
-    if batch_sharding is not None:
-      images, labels, mask = jax.lax.with_sharding_constraint((images, labels, mask), batch_sharding)
+    images, labels, mask = parallel.shard_batch((images, labels, mask), batch_sharding)
     images = pipeline.normalize(images, *stats, dtype)
     batch_sums = eval_step(state, (images, labels), mask, top_k=top_k)
     return jax.tree.map(jnp.add, sums, batch_sums)
@@ -486,11 +484,11 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   start_time = time.time()
   validate(config)
   if config.num_seeds > 1:
-    if any(x is not None for x in (model, variables, input_stats, devices)) or frozen:
+    if any(x is not None for x in (model, variables, input_stats)) or frozen:
       raise ConfigError("--num_seeds > 1 trains config.model from scratch; it takes no model, "
-                        "variables, frozen, input_stats or devices")
+                        "variables, frozen or input_stats")
     from jdl import seeds  # It builds on this module.
-    return seeds.fit_seeds(config, dataset, progress=progress, log=log)
+    return seeds.fit_seeds(config, dataset, devices=devices, progress=progress, log=log)
   workdir, created = prepare_workdir(config)
 
   # --- Input: the whole dataset on the device. ---
@@ -519,9 +517,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   frozen_stats = (optim.frozen_mask(state.batch_stats, frozen)
                   if frozen and state.batch_stats is not None else None)
   if mesh is not None:
-    state = jax.device_put(state, replicated)
-    log(f"Data parallel over {mesh.size} devices: batch {config.batch_size} = "
-        f"{mesh.size} x {config.batch_size // mesh.size}")
+    state = parallel.replicate(state, mesh)
+    log(parallel.describe(mesh, config.batch_size))
 
   # --- Checkpoints: resume if the workdir has one. ---
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)

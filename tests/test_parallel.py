@@ -24,6 +24,48 @@ def test_eight_devices_reach_the_parameters_of_one(tmp_path):
   assert "batch_size 12 does not split evenly over 8 devices" in report["uneven_batch_error"]
 
 
+def test_gan_text_colorize_and_seeds_loops_use_all_devices_and_train_like_one(tmp_path):
+  import numpy as np
+  out = subprocess.run([sys.executable, "tests/parallel_loops_driver.py", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["device_count"] == 8
+  # Per loop: the arrays each traced step splits over the 8 devices (batch first).
+  batches = {"gan": [[32, 32, 32, 3], [32]],  # images, labels
+             "text": [[8, 17]],  # windows of seq_len + 1 characters
+             "colorize": [[16, 32, 32, 3]]}
+  for loop, shapes in batches.items():
+    run = report[loop]
+    assert run["eight_said_parallel"] and not run["one_said_parallel"], loop
+    assert run["one_sharded"] == [], loop
+    assert run["eight_sharded"] and {(tuple(s), n) for s, n in run["eight_sharded"]} == {
+        (tuple(s), 8) for s in shapes}, (loop, run["eight_sharded"])
+    assert "batch_size 12 does not split evenly over 8 devices" in run["uneven_batch_error"], loop
+    # Every logged metric (losses, gradient norms, D outputs, Fréchet distance,
+    # bits/char, MSEs) as on one device, up to float summation order.
+    assert len(run["one"]) == len(run["eight"]) > 0, loop
+    for one, eight in zip(run["one"], run["eight"]):
+      keys = [k for k, v in one.items() if isinstance(v, float) and "time" not in k]
+      assert keys, loop
+      for key in keys:
+        np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, err_msg=f"{loop} {key}")
+
+  # --num_seeds=4: one replica on each of 4 of the 8 devices, each replica the
+  # run it is on one device (the replicas never exchange a value).
+  seeds = report["seeds"]
+  assert seeds["one_devices_of_params"] == 1 and seeds["eight_devices_of_params"] == 4
+  # The most devices that share the replicas evenly.
+  assert seeds["mesh_sizes"] == {"4 on 8": 4, "6 on 4": 3, "5 on 2": 1, "16 on 8": 8, "3 on 8": 3,
+                                 "1 on 8": 1}
+  assert seeds["eight_log"].endswith("1 on each of 4 devices"), seeds["eight_log"]
+  np.testing.assert_allclose(seeds["eight_test"], seeds["one_test"], rtol=1e-5)
+  assert len(seeds["one"]) == len(seeds["eight"]) == 2
+  for one, eight in zip(seeds["one"], seeds["eight"]):
+    for key in [k for k, v in one.items() if isinstance(v, float) and not k.endswith(("time_s", "per_s"))]:
+      np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-7, err_msg=f"seeds {key}")
+
+
 def _free_port() -> int:
   import socket
   with socket.socket() as s:

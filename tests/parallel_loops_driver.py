@@ -1,0 +1,110 @@
+"""The GAN, text, colorization and many-seeds loops on 1 and on 8 simulated CPU devices.
+
+Run by tests/test_parallel.py in a subprocess, because the device count is
+fixed when JAX starts: python tests/parallel_loops_driver.py WORKDIR
+Prints one JSON object: per loop, the metrics rows of both runs, whether
+the 8-device run said it was data parallel, and the one-line error for a
+batch that does not split over 8 devices.
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import jax  # noqa: E402
+
+from jdl import cli, colorize, gan, parallel, text, train  # noqa: E402
+from jdl.config import TrainConfig  # noqa: E402
+from jdl.data import load_dataset  # noqa: E402
+from jdl.errors import ConfigError  # noqa: E402
+from jdl.logs import read_jsonl  # noqa: E402
+from jdl.seeds import replica_mesh  # noqa: E402
+
+RHYME = "the cat sat on the mat; the dog sat on the log.\n" * 40
+SHARDED = []  # (shape, device count) of each batch array the traced steps split over devices
+_shard_batch = parallel.shard_batch
+
+
+def recording_shard_batch(tree, batch_sharding):
+  if batch_sharding is not None:
+    SHARDED.extend((list(x.shape), batch_sharding.mesh.size) for x in jax.tree.leaves(tree))
+  return _shard_batch(tree, batch_sharding)
+
+
+parallel.shard_batch = recording_shard_batch  # the loops call it as parallel.shard_batch
+
+
+def run_both(name, fit, config_for, workdir):
+  """fit on the first device and on all 8; the metrics rows and logs of each."""
+  report = {}
+  for label, devices in (("one", jax.devices()[:1]), ("eight", None)):
+    lines = []
+    del SHARDED[:]
+    run_dir = os.path.join(workdir, name, label)
+    fit(config_for(run_dir), devices=devices, progress=False, log=lines.append)
+    report[label] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    report[f"{label}_said_parallel"] = any("Data parallel over 8 devices" in str(line) for line in lines)
+    report[f"{label}_sharded"] = list(SHARDED)
+  try:
+    fit(config_for(os.path.join(workdir, name, "uneven"), batch_size=12), devices=None,
+        progress=False, log=lambda line: None)
+  except ConfigError as e:
+    report["uneven_batch_error"] = str(e)
+  return report
+
+
+def main(workdir):
+  cli.enable_compilation_cache()  # $JDL_CACHE_DIR, set by tests/conftest.py
+  shapes = load_dataset("shapes", num_train=96, num_test=64, seed=0)
+  report = {"device_count": jax.device_count()}
+
+  # One scoring classifier for both GAN runs, so that only the GAN's steps differ.
+  scorer_dir = os.path.join(workdir, "scorer")
+  gan.train_scorer(gan.GANConfig(num_train=96, classifier_epochs=1), shapes, scorer_dir,
+                   log=lambda line: None, devices=jax.devices()[:1])
+
+  def gan_config(run_dir, batch_size=32):
+    # 3 steps of batch 32 (4 per device), BatchNorm in both networks, DiffAugment.
+    return gan.GANConfig(num_train=96, num_eval=32, g_width=16, d_width=8, latent_dim=8,
+                         batch_size=batch_size, epochs=1, workdir=run_dir,
+                         classifier_workdir=os.path.join(scorer_dir, "classifier"))
+  report["gan"] = run_both("gan", lambda c, **kw: gan.fit(c, shapes, **kw), gan_config, workdir)
+
+  rhyme = os.path.join(workdir, "rhyme.txt")
+  with open(rhyme, "w", encoding="utf-8") as f:
+    f.write(RHYME)
+
+  def text_config(run_dir, batch_size=8):
+    return text.TextConfig(text_file=rhyme, workdir=run_dir, embed_dim=8, hidden_size=16,
+                           num_layers=1, dropout=0.0, seq_len=16, batch_size=batch_size, steps=6,
+                           eval_every=3, sample_length=20, log_every=2)
+  report["text"] = run_both("text", text.fit, text_config, workdir)
+
+  def colorize_config(run_dir, batch_size=16):
+    return colorize.ColorizeConfig(width=8, batch_size=batch_size, epochs=2, workdir=run_dir)
+  report["colorize"] = run_both("colorize", lambda c, **kw: colorize.fit(c, shapes, **kw),
+                                colorize_config, workdir)
+
+  # 4 seeds: spread over 4 of the 8 devices, one replica on each.
+  seeds = {}
+  for label, devices in (("one", jax.devices()[:1]), ("eight", None)):
+    lines = []
+    run_dir = os.path.join(workdir, "seeds", label)
+    config = TrainConfig(dataset="shapes", model="cnn", epochs=2, batch_size=16, num_seeds=4,
+                         validation_fraction=0.2, log_every=1000, workdir=run_dir)
+    states, results = train.fit(config, shapes, devices=devices, progress=False, log=lines.append)
+    seeds[label] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    seeds[f"{label}_test"] = [results["test_loss"]["per_seed"], results["test_accuracy"]["per_seed"]]
+    seeds[f"{label}_devices_of_params"] = len(jax.tree.leaves(states.params)[0].sharding.device_set)
+    seeds[f"{label}_log"] = lines[0]
+  seeds["mesh_sizes"] = {f"{n} on {d}": getattr(replica_mesh(n, jax.devices()[:d]), "size", 1)
+                         for n, d in ((4, 8), (6, 4), (5, 2), (16, 8), (3, 8), (1, 8))}
+  report["seeds"] = seeds
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
