@@ -73,14 +73,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-  """Multi-host through jax.distributed on one machine: two processes of one
-  device each, a shared workdir. They train as one process with two devices
-  does, and the run's files hold each row once (process 0 writes them)."""
-  import numpy as np
-  from jdl.logs import read_jsonl
-  args = ["-m", "experiments.cifar", "--dataset=shapes", "--num_train=256", "--num_test=64",
-          "--epochs=2", "--batch_size=32", "--model=mlp"]
+def _two_processes_and_one(tmp_path, args):
+  """Runs `python *args` as two processes of one device each (jax.distributed
+  on localhost, a shared workdir) and as one process with two simulated
+  devices; returns (shared workdir, single workdir, process 0's output)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   address = f"localhost:{_free_port()}"
   shared = tmp_path / "shared"
@@ -96,8 +92,19 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
                           env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
                           capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
+  return shared, tmp_path / "single", outputs[0]
 
-  rows, want = read_jsonl(shared / "metrics.jsonl"), read_jsonl(tmp_path / "single" / "metrics.jsonl")
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+  """Multi-host through jax.distributed on one machine: two processes of one
+  device each, a shared workdir. They train as one process with two devices
+  does, and the run's files hold each row once (process 0 writes them)."""
+  import numpy as np
+  from jdl.logs import read_jsonl
+  shared, single, _ = _two_processes_and_one(tmp_path, [
+      "-m", "experiments.cifar", "--dataset=shapes", "--num_train=256", "--num_test=64",
+      "--epochs=2", "--batch_size=32", "--model=mlp"])
+  rows, want = read_jsonl(shared / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
   assert [r["epoch"] for r in rows] == [1, 2]  # once each, not once per process
   assert len(list((shared / "tb").iterdir())) == 1
   for got, ref in zip(rows, want):
@@ -105,4 +112,23 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
       np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
   results = json.loads((shared / "results.json").read_text())
   assert results["test_loss"] == pytest.approx(
-      json.loads((tmp_path / "single" / "results.json").read_text())["test_loss"], rel=1e-5)
+      json.loads((single / "results.json").read_text())["test_loss"], rel=1e-5)
+
+
+def test_text_loop_on_two_processes_trains_like_two_devices(tmp_path):
+  """The character LSTM's own loop (not jdl.train.fit) across two processes."""
+  import numpy as np
+  from jdl.logs import read_jsonl
+  rhyme = tmp_path / "rhyme.txt"
+  rhyme.write_text("the cat sat on the mat; the dog sat on the log.\n" * 40, encoding="utf-8")
+  shared, single, _ = _two_processes_and_one(tmp_path, [
+      "-m", "experiments.text", f"--text_file={rhyme}", "--embed_dim=8", "--hidden_size=16",
+      "--num_layers=1", "--dropout=0", "--seq_len=16", "--batch_size=8", "--steps=6",
+      "--eval_every=3", "--sample_length=20", "--log_every=2"])
+  rows, want = read_jsonl(shared / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [3, 6]  # once each, not once per process
+  assert len(list((shared / "tb").iterdir())) == 1
+  for got, ref in zip(rows, want):
+    for key in ("train_bpc", "val_bpc"):
+      np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+  assert (shared / "samples.txt").read_text() == (single / "samples.txt").read_text()
