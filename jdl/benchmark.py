@@ -10,9 +10,15 @@ What is measured and how:
                   `steps_per_call` steps in a `lax.scan`; its time is divided),
                   after `warmup` calls, each call synchronised with
                   `block_until_ready`; `step_ms_p10`/`p90` give the spread.
-  flops_per_step  XLA's cost analysis of the compiled step (per step).
-  mfu             flops_per_step / step time / the device's dense peak
-                  (`PEAK_FLOPS`); None where the peak is unknown (CPUs).
+  flops_per_step  XLA's cost analysis of the compiled step (per step); data
+                  parallel: one device's share times the device count, so
+                  work every device repeats (the optimizer update) counts
+                  once per device.
+  mfu             flops_per_step / step time / (the device's dense peak
+                  (`PEAK_FLOPS`) x devices); None where the peak is unknown (CPUs).
+With several local devices (GPUs, or `--cpu_devices=N` on a CPU host) the
+step is data parallel over them, as in the training loops: the batch split,
+the state replicated; `data_parallel_devices` says how many.
   peak_memory_bytes  `device.memory_stats()['peak_bytes_in_use']` where the
                   backend reports it (GPU, TPU), else None.
 Data is synthetic (fixed random arrays of the right shape, already on the
@@ -32,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import gan, optim
+from jdl import gan, optim, parallel
 from jdl.errors import ConfigError
 from jdl.models import MODELS, build_model
 from jdl.summary import count_params
@@ -81,7 +87,8 @@ def model_names():
 
 def _classifier_step(name: str, batch_size: int, precision: str, seed: int = 0,
                      rnn_implementation: Optional[str] = None):
-  """(jittable fn(state, key) -> (state, loss), state, example shape) for a classifier."""
+  """(jittable fn(state, key, batch) -> (state, loss), state, parameter count,
+  batch) for a classifier; batch = (inputs (B, ...), labels (B,)), synthetic."""
   settings = DEFAULTS.get(name, IMAGE_DEFAULT)
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
   overrides = {"num_classes": 10, "dtype": dtype}
@@ -100,14 +107,15 @@ def _classifier_step(name: str, batch_size: int, precision: str, seed: int = 0,
   state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                             batch_stats=variables.get("batch_stats"))
 
-  def step(state, key):
-    state, metrics = train_step(state, (images, labels), key)
+  def step(state, key, batch):
+    state, metrics = train_step(state, batch, key)
     return state, metrics["loss"]
-  return step, state, count_params(variables["params"])
+  return step, state, count_params(variables["params"]), (images, labels)
 
 
 def _dcgan_step(batch_size: int, precision: str, seed: int = 0):
-  """The experiments.gan step (D then G) at its default sizes on 32x32x3."""
+  """The experiments.gan step (D then G) at its default sizes on 32x32x3, as
+  `_classifier_step`; the batch is the real images (B, 32, 32, 3)."""
   from jdl.models.decoder import Discriminator, Generator
   config = gan.GANConfig()
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
@@ -118,11 +126,11 @@ def _dcgan_step(batch_size: int, precision: str, seed: int = 0):
   images = jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (batch_size, 32, 32, 3)),
                        jnp.float32)
 
-  def step(state, key):
-    state, metrics = gan.gan_train_step(state, images, None, key, config.real_label)
+  def step(state, key, real):
+    state, metrics = gan.gan_train_step(state, real, None, key, config.real_label)
     return state, metrics["d_loss"]
   params = count_params(state.g.params) + count_params(state.d.params)
-  return step, state, params
+  return step, state, params, images
 
 
 class _Side:
@@ -172,22 +180,30 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
       raise ConfigError(f"rnn_implementation does not apply to model {model!r} (it is not recurrent)")
     from jdl.models import rnn
     rnn.check_implementation(rnn_implementation, model, jnp.dtype(precision), backend=True)
+  # Data parallel over the local devices when there are several, as the
+  # training loops are (on a CPU host: --cpu_devices).
+  mesh = parallel.data_mesh(jax.local_devices())
+  parallel.check_batch_size(batch_size, mesh)
   if model == "dcgan":
-    step, state, num_params = _dcgan_step(batch_size, precision, seed)
+    step, state, num_params, batch = _dcgan_step(batch_size, precision, seed)
   else:
-    step, state, num_params = _classifier_step(model, batch_size, precision, seed,
-                                               rnn_implementation)
+    step, state, num_params, batch = _classifier_step(model, batch_size, precision, seed,
+                                                      rnn_implementation)
+  # The batch is an argument, split over the devices (a constant batch with a
+  # sharding constraint ran the 2-device lstm step ~12% slower).
+  state, batch = parallel.replicate(state, mesh), jax.device_put(batch, parallel.shardings(mesh)[1])
 
   # K = 1: the step itself. K > 1: a scan, fully unrolled on CPU, where XLA
   # runs a step inside a while loop ~6x slower (cnn: 1.08 s vs 0.17 s per step
   # in a length-1 scan; BUILD_NOTES.md), rolled on accelerators.
   unroll = True if jax.default_backend() == "cpu" else 1
 
-  def call(state, key):
+  def call(state, key, batch):
     if steps_per_call == 1:
-      return step(state, key)
+      return step(state, key, batch)
     keys = jax.random.split(key, steps_per_call)
-    state, losses = jax.lax.scan(step, state, keys, unroll=unroll)
+    state, losses = jax.lax.scan(lambda state, key: step(state, key, batch), state, keys,
+                                 unroll=unroll)
     return state, losses[-1]
 
   key = jax.random.key(seed + 1, impl=PRNG_IMPL)
@@ -196,19 +212,22 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   jax.config.update("jax_enable_compilation_cache", False)  # a cold compile, honestly
   try:
     start = time.perf_counter()
-    compiled = jitted.lower(state, key).compile()
+    compiled = parallel.within(mesh, lambda: jitted.lower(state, key, batch).compile())()
     compile_s = time.perf_counter() - start
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) / steps_per_call if cost else None
+  # XLA's cost analysis counts one device's share of a data-parallel step.
+  devices = 1 if mesh is None else mesh.size
+  flops = float(cost.get("flops", 0.0)) * devices / steps_per_call if cost else None
 
   carry = {"state": state, "loss": None, "calls": 0}
 
   def run() -> float:
     start = time.perf_counter()
-    carry["state"], carry["loss"] = compiled(carry["state"], jax.random.fold_in(key, carry["calls"]))
+    carry["state"], carry["loss"] = compiled(carry["state"], jax.random.fold_in(key, carry["calls"]),
+                                             batch)
     jax.block_until_ready(carry["loss"])
     carry["calls"] += 1
     return (time.perf_counter() - start) / steps_per_call
@@ -236,10 +255,11 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
         "params": num_params,
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
+        "data_parallel_devices": 1 if mesh is None else mesh.size,
         "compile_s": compile_s,
         **timing,
         "flops_per_step": flops,
-        "mfu": (flops / step_s / peak) if (flops and peak) else None,
+        "mfu": (flops / step_s / (peak * devices)) if (flops and peak) else None,
         "peak_memory_bytes": memory,
         "jax_version": jax.__version__,
     }

@@ -136,8 +136,8 @@ def _deterministic_gpu() -> None:
 
 
 def define_common_flags() -> None:
-  """Flags every entrypoint has: --deterministic (see `_deterministic_gpu`) and
-  the multi-host ones (see `jdl.parallel`)."""
+  """Flags every entrypoint has: --deterministic (see `_deterministic_gpu`),
+  the multi-host ones and --cpu_devices (see `jdl.parallel`)."""
   if "deterministic" not in FLAGS:
     flags.DEFINE_boolean("deterministic", False,
                          "GPU: deterministic XLA kernels (--xla_gpu_deterministic_ops), "
@@ -150,6 +150,10 @@ def define_common_flags() -> None:
                          module_name=sys.argv[0])
     flags.DEFINE_integer("process_id", 0, "multi-host: this process's index in [0, num_processes)",
                          module_name=sys.argv[0])
+    flags.DEFINE_integer("cpu_devices", 1,
+                         "CPU backend: split the host into N devices (one per core is the useful "
+                         "value); training is then data parallel over them, and recurrent layers "
+                         "run one loop per device, each on its own core", module_name=sys.argv[0])
 
 
 def parse_flags(argv):
@@ -181,8 +185,10 @@ def call(main, argv) -> None:
           file=sys.stderr)
     sys.exit(2)
   try:
+    from jdl import parallel
+    if FLAGS.cpu_devices != 1:
+      parallel.set_cpu_devices(FLAGS.cpu_devices)
     if FLAGS.coordinator_address or FLAGS.num_processes > 1:
-      from jdl import parallel
       if not FLAGS.coordinator_address:
         raise JdlError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0")
       parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -19,7 +19,8 @@ processes together, and jdl's own files (metrics.jsonl, TensorBoard events,
 config.json, results.json, plots) are written by process 0 only
 (`is_primary`), so that they hold each row once.
 """
-from typing import Optional, Sequence, Tuple
+import functools
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -32,6 +33,30 @@ AXIS = "data"
 def is_primary() -> bool:
   """Whether this process writes the run's files: process 0 (always, on one host)."""
   return jax.process_index() == 0
+
+
+def context_data_devices() -> int:
+  """Devices along the 'data' axis of the mesh set by `jax.set_mesh` (1 without one).
+
+  Read while tracing, by layers that split their own work over the batch
+  (jdl.models.rnn's recurrences)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AXIS not in mesh.axis_names:
+    return 1
+  return mesh.shape[AXIS]
+
+
+def within(mesh: Optional[Mesh], fn: Callable) -> Callable:
+  """`fn` called inside `jax.set_mesh(mesh)` (unchanged without a mesh), so
+  that layers traced by it see the data axis (`context_data_devices`)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
@@ -81,6 +106,22 @@ def round_up(size: int, mesh: Optional[Mesh]) -> int:
   """`size` rounded up to a multiple of the device count (eval batches are padded)."""
   n = 1 if mesh is None else mesh.size
   return -(-size // n) * n
+
+
+def set_cpu_devices(count: int) -> None:
+  """Makes the CPU backend `count` devices (before anything touches a device).
+
+  XLA:CPU runs each while-loop body on one thread, so on a CPU-only host a
+  recurrent model uses one core per device: with one device per core, the
+  training loops' data parallelism (and the recurrent layers' per-device
+  loops) put every core to work.
+  """
+  if count < 1:
+    raise ConfigError(f"cpu_devices must be >= 1, got {count}")
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as e:  # the backend already started
+    raise ConfigError(f"cpu_devices must be set before JAX starts its CPU backend ({e})") from None
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:

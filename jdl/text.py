@@ -495,8 +495,10 @@ def fit(config: TextConfig, *, devices=None, progress: bool = True, log=print) -
 
   tokens = parallel.replicate(corpus.train, mesh)
   windows = validation_windows(corpus.val, config.seq_len)
-  train_step = make_train_step(config.batch_size, config.seq_len, parallel.shardings(mesh)[1])
-  eval_fn = make_eval_fn(model)
+  # Under the mesh, the LSTM layers split their loops over the devices themselves.
+  train_step = parallel.within(mesh, make_train_step(config.batch_size, config.seq_len,
+                                                     parallel.shardings(mesh)[1]))
+  eval_fn = parallel.within(mesh, make_eval_fn(model))
   with StopSignals() as stop, tqdm(total=config.steps, initial=meta["step"], unit="step",
                                    desc="training", disable=not progress, leave=False,
                                    file=sys.stderr, mininterval=0.5) as bar:

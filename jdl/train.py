@@ -537,8 +537,10 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
   writer = MetricWriter(workdir, meta["epoch"])
 
   # --- Training loop: one jitted step per batch, metrics fetched at log points. ---
-  train_fn = make_train_fn(config, frozen_stats=frozen_stats, batch_sharding=batch_sharding)
-  eval_fn = functools.partial(make_eval_fn(config, batch_sharding=batch_sharding),
+  # Under the mesh, recurrent layers split their loops over the devices themselves.
+  train_fn = parallel.within(mesh, make_train_fn(config, frozen_stats=frozen_stats,
+                                                 batch_sharding=batch_sharding))
+  eval_fn = functools.partial(parallel.within(mesh, make_eval_fn(config, batch_sharding=batch_sharding)),
                               stats=(data["mean"], data["std"]))
   order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
   compile_s = None

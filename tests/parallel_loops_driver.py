@@ -56,10 +56,46 @@ def run_both(name, fit, config_for, workdir):
   return report
 
 
+def recurrences_split_over_devices():
+  """Each cell (2 layers, bidirectional, with and without lengths) under an
+  8-device mesh against no mesh: max |difference| of outputs and of every
+  parameter and input gradient, and the largest such value."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jdl.models.rnn import RNN
+  mesh = parallel.data_mesh()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 7, 5)), jnp.float32)  # (B, T, F): 2 sequences per device
+  lengths = jnp.asarray(rng.integers(0, 8, 16), jnp.int32)  # 0 (empty) to 7 (full)
+  report = {}
+  for cell in ("lstm", "gru", "rnn"):
+    model = RNN(cell=cell, hidden_size=6, num_layers=2, bidirectional=True)
+    params = model.init(jax.random.key(0), x)["params"]
+    for with_lengths in (False, True):
+      args = (x, lengths) if with_lengths else (x,)
+
+      def loss(params, x):
+        ys, _ = model.apply({"params": params}, x, *args[1:])
+        return jnp.sum(jnp.sin(ys)), ys
+      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+      (_, ys_1), grads_1 = fn(params, x)
+      split_loops = str(jax.make_jaxpr(fn)(params, x)).count("shard_map")
+      with jax.set_mesh(mesh):
+        (_, ys_8), grads_8 = fn(params, x)
+        split_loops_8 = str(jax.make_jaxpr(fn)(params, x)).count("shard_map")
+      pairs = [(ys_1, ys_8)] + list(zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8)))
+      report[f"{cell}{'_lengths' if with_lengths else ''}"] = {
+          "max_abs_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs),
+          "max_abs": max(float(np.max(np.abs(np.asarray(a)))) for a, _ in pairs),
+          "split_loops": [split_loops, split_loops_8]}
+  return report
+
+
 def main(workdir):
   cli.enable_compilation_cache()  # $JDL_CACHE_DIR, set by tests/conftest.py
   shapes = load_dataset("shapes", num_train=96, num_test=64, seed=0)
   report = {"device_count": jax.device_count()}
+  report["recurrences"] = recurrences_split_over_devices()
 
   # One scoring classifier for both GAN runs, so that only the GAN's steps differ.
   scorer_dir = os.path.join(workdir, "scorer")

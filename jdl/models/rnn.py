@@ -34,6 +34,14 @@ Init (Keras' defaults): input_kernel glorot-uniform, recurrent_kernel orthogonal
 input_bias, which is 1.0 (Keras' unit_forget_bias) so that the cell keeps its
 state early in training. PyTorch instead draws everything from U(-1/sqrt(H), 1/sqrt(H)).
 
+Data parallel: inside `jax.set_mesh(mesh)` with a 'data' axis of n > 1
+devices (the training loops set it, see jdl.parallel), each layer's
+recurrence is a `shard_map` over that axis: every device runs the scan of its
+1/n of the batch, and the weight gradients are summed across devices. XLA's
+automatic partitioner, given the same loop, gathered the (T, B, 4H) arrays
+onto every device instead; and XLA:CPU runs a loop body on one thread, so n
+CPU devices (`--cpu_devices`) are how an LSTM uses n cores.
+
 Implementation: 'scan' (default, any backend) or, for LSTMs on a CUDA GPU,
 'cudnn': each layer and direction is one `jax.experimental.rnn.lstm` call (the
 cuDNN kernel, float32 only), with the same parameters packed into cuDNN's flat
@@ -53,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import activations
+from jdl import activations, parallel
 from jdl.errors import ConfigError
 
 # Gate blocks per cell, in PyTorch's order along the G*H axis.
@@ -284,6 +292,31 @@ def _gru_step(h, xp, w_h, b_h):
   return (1 - z) * n + z * h
 
 
+def _split_over_data_devices(recurrence, x, valid, weights):
+  """recurrence(x, valid, *weights) -> (ys, carry), batch-split over the context mesh.
+
+  x: (T, B, F) and valid (None or (T, B, ...)) are split along B over the
+  'data' axis of the mesh set by `jax.set_mesh`, the weights replicated; ys
+  (T, B, H) and the carry ((B, H) or a tuple of them) come back split along
+  B. Without such a mesh (or when B does not split evenly) it is a plain call.
+  """
+  devices = parallel.context_data_devices()
+  if devices == 1 or x.shape[1] % devices:
+    return recurrence(x, valid, *weights)
+  time_major = jax.sharding.PartitionSpec(None, parallel.AXIS)  # (T, B, ...) split along B
+  batch_major = jax.sharding.PartitionSpec(parallel.AXIS)  # (B, H) carries
+  if valid is None:
+    fn, args, specs = (lambda x, *w: recurrence(x, None, *w)), (x, *weights), (time_major,)
+  else:
+    fn, args, specs = recurrence, (x, valid, *weights), (time_major, time_major)
+  replicated = (jax.sharding.PartitionSpec(),) * len(weights)
+  # check_vma=False: the scans' zero initial carries are not marked as varying
+  # over the axis; the gradients of the replicated weights are still summed
+  # over devices (tested against the unsplit layer).
+  return jax.shard_map(fn, in_specs=specs + replicated, out_specs=(time_major, batch_major),
+                       check_vma=False)(*args)
+
+
 def _reverse_within(x, lengths):
   """Reverses each sequence of x (B, T, ...) within its first lengths[b] steps.
 
@@ -339,7 +372,7 @@ class RecurrentLayer(nn.Module):
     b_h = self.param('recurrent_bias', nn.initializers.zeros, (gh,))
     w_i, w_h, b_i, b_h = (p.astype(self.dtype) for p in (w_i, w_h, b_i, b_h))
 
-    batch, steps, _ = x.shape
+    steps = x.shape[1]
     if self.implementation == 'cudnn':
       return self._cudnn(x, lengths, pack_cudnn_lstm(w_i, w_h, b_i, b_h))
     # Reverse and transpose the (B, T, F) inputs, not the G*H-wide projections:
@@ -353,25 +386,32 @@ class RecurrentLayer(nn.Module):
     if self.cell == 'lstm':
       if valid is not None:
         valid = valid[..., None].astype(self.dtype)  # (T, B, 1)
-      ys, carry = lstm_layer(x, w_i, b_i + b_h, w_h, valid)  # biases summed once
+
+      def recurrence(x, valid, w_i, w_h, b_i, b_h):
+        return lstm_layer(x, w_i, b_i + b_h, w_h, valid)  # biases summed once
     else:
-      xs = x @ w_i + b_i[None, None, :]  # (T, B, G*H), all steps at once
-      b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
       step = (_gru_step if self.cell == 'gru'
               else lambda h, *a: _rnn_step(activations.get(self.activation), h, *a))
-      carry = jnp.zeros((batch, self.hidden_size), self.dtype)
-      if valid is None:
-        def body(carry, xp_t):
-          carry = step(carry, xp_t, w_h, b_h)
-          return carry, carry
-        carry, ys = jax.lax.scan(body, carry, xs)
-      else:
+
+      def recurrence(x, valid, w_i, w_h, b_i, b_h):
+        xs = x @ w_i + b_i[None, None, :]  # (T, B, G*H), all steps at once
+        b_h = b_h[None, :]  # (1, G*H), added to h @ W_h (B, G*H) each step
+        carry = jnp.zeros((x.shape[1], self.hidden_size), self.dtype)
+        if valid is None:
+          def body(carry, xp_t):
+            carry = step(carry, xp_t, w_h, b_h)
+            return carry, carry
+          carry, ys = jax.lax.scan(body, carry, xs)
+          return ys, carry
+
         def body(carry, inputs):
           xp_t, valid_t = inputs
           new = step(carry, xp_t, w_h, b_h)
           keep = valid_t[:, None]  # (B, 1)
           return jnp.where(keep, new, carry), jnp.where(keep, new, jnp.zeros_like(new))
         carry, ys = jax.lax.scan(body, carry, (xs, valid))
+        return ys, carry
+    ys, carry = _split_over_data_devices(recurrence, x, valid, (w_i, w_h, b_i, b_h))
 
     ys = jnp.swapaxes(ys, 0, 1)  # (B, T, H)
     if self.reverse:
