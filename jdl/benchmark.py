@@ -16,13 +16,13 @@ What is measured and how:
                   once per device.
   mfu             flops_per_step / step time / (the device's dense peak
                   (`PEAK_FLOPS`) x devices); None where the peak is unknown (CPUs).
-With several local devices (GPUs, or `--cpu_devices=N` on a CPU host) the
-step is data parallel over them, as in the training loops: the batch split,
-the state replicated; `data_parallel_devices` says how many.
   peak_memory_bytes  `device.memory_stats()['peak_bytes_in_use']` where the
                   backend reports it (GPU, TPU), else None.
 Data is synthetic (fixed random arrays of the right shape, already on the
 device): the benchmark times the step, not an input pipeline.
+With several local devices (GPUs, or `--cpu_devices=N` on a CPU host) the
+step is data parallel over them, as in the training loops: the batch split,
+the state replicated; `data_parallel_devices` says how many.
 
 `compare_torch` times jdl's step and the same step in PyTorch in one loop,
 alternating every 5 steps: on a shared host whose speed drifts by 20% within
@@ -255,7 +255,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
         "params": num_params,
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
-        "data_parallel_devices": 1 if mesh is None else mesh.size,
+        "data_parallel_devices": devices,
         "compile_s": compile_s,
         **timing,
         "flops_per_step": flops,

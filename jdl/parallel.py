@@ -2,13 +2,19 @@
 
 With more than one device, every training loop (`train.fit` for cifar,
 sequence and transfer; `gan.fit`, `text.fit`, `colorize.fit`) lays out a
-one-axis Mesh ('data') over them: the dataset, parameters, optimizer state and BatchNorm statistics are
-replicated, and each batch is sharded along its first axis by a sharding
-constraint inside the jitted step. XLA's SPMD partitioner then runs each
-device on its slice and all-reduces the gradients (and BatchNorm's batch
-statistics, so they are those of the whole batch, as on one device). The
-update is the same computation as on one device, up to the order of float
-additions in those reductions.
+one-axis Mesh ('data') over them: the dataset, parameters, optimizer state
+and BatchNorm statistics are replicated, and each batch is sharded along its
+first axis by a sharding constraint inside the jitted step. XLA's SPMD
+partitioner then runs each device on its slice and all-reduces the gradients
+(and BatchNorm's batch statistics, so they are those of the whole batch, as
+on one device). The update is the same computation as on one device, up to
+the order of float additions in those reductions. The loops also trace their
+steps under `jax.set_mesh` (`within`), where recurrent layers split their
+time loops over the devices themselves (`shard_map`, jdl.models.rnn).
+
+On a CPU-only host, `--cpu_devices=N` (`set_cpu_devices`) makes the CPU N
+devices, one per core being the useful choice: XLA:CPU runs a loop body on
+one thread, so that is how a recurrent model's loop uses every core.
 
 Multi-host: start every process with the same flags plus
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
