@@ -199,8 +199,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                             tx=optax.adam(config.learning_rate), batch_stats=variables["batch_stats"])
   state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
-  if mesh is not None:
-    log(parallel.describe(mesh, config.batch_size))
+  parallel.announce(mesh, config.batch_size, log)
   batch_sharding = parallel.shardings(mesh)[1]
   # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
   mean_colour = to_unit(images.reshape(-1, 3).mean(0))

@@ -637,9 +637,8 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
   g_tx, d_tx = make_optimizers(config.learning_rate, config.beta1)
   state = create_gan_state(generator, discriminator, dataset.input_shape, config.latent_dim,
                            init_key, g_tx=g_tx, d_tx=d_tx)
-  if mesh is not None:
-    state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
-    log(parallel.describe(mesh, config.batch_size))
+  state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
+  parallel.announce(mesh, config.batch_size, log)
   _, batch_sharding = parallel.shardings(mesh)
   steps_per_epoch = len(labels) // config.batch_size
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)

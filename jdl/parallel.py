@@ -94,11 +94,11 @@ def shard_batch(tree, batch_sharding: Optional[NamedSharding]):
   return tree if batch_sharding is None else jax.lax.with_sharding_constraint(tree, batch_sharding)
 
 
-def describe(mesh: Optional[Mesh], batch_size: int) -> Optional[str]:
-  """The log line of a data-parallel run, or None on one device."""
-  if mesh is None:
-    return None
-  return f"Data parallel over {mesh.size} devices: batch {batch_size} = {mesh.size} x {batch_size // mesh.size}"
+def announce(mesh: Optional[Mesh], batch_size: int, log: Callable[[str], None]) -> None:
+  """Logs how a data-parallel run splits its batch (nothing on one device)."""
+  if mesh is not None:
+    log(f"Data parallel over {mesh.size} devices: batch {batch_size} = "
+        f"{mesh.size} x {batch_size // mesh.size}")
 
 
 def check_batch_size(batch_size: int, mesh: Optional[Mesh]) -> None:

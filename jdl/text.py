@@ -478,8 +478,7 @@ def fit(config: TextConfig, *, devices=None, progress: bool = True, log=print) -
 
   init_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
   state = parallel.replicate(create_state(model, config, init_key), mesh)  # before restoring
-  if mesh is not None:
-    log(parallel.describe(mesh, config.batch_size))
+  parallel.announce(mesh, config.batch_size, log)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   # partial_loss_sum/count: the training loss summed since the last evaluation,
   # saved when a SIGTERM stops between evaluations, so the resumed segment's

@@ -516,9 +516,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
                              frozen=frozen)
   frozen_stats = (optim.frozen_mask(state.batch_stats, frozen)
                   if frozen and state.batch_stats is not None else None)
-  if mesh is not None:
-    state = parallel.replicate(state, mesh)
-    log(parallel.describe(mesh, config.batch_size))
+  state = parallel.replicate(state, mesh)
+  parallel.announce(mesh, config.batch_size, log)
 
   # --- Checkpoints: resume if the workdir has one. ---
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)

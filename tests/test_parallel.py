@@ -79,10 +79,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes_and_one(tmp_path, args):
+def _two_processes_and_one(tmp_path, args, x, rows_at, keys):
   """Runs `python *args` as two processes of one device each (jax.distributed
   on localhost, a shared workdir) and as one process with two simulated
-  devices; returns (shared workdir, single workdir, process 0's output)."""
+  devices; returns (shared workdir, single workdir).
+
+  Checks that process 0 said it was data parallel and that the shared
+  metrics.jsonl holds each row once (its `x` values are `rows_at`), with one
+  TensorBoard file, and the `keys` of the single run's rows (rtol 1e-5)."""
+  import numpy as np
+  from jdl.logs import read_jsonl
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   address = f"localhost:{_free_port()}"
   shared = tmp_path / "shared"
@@ -94,28 +100,28 @@ def _two_processes_and_one(tmp_path, args):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   assert "Data parallel over 2 devices" in outputs[0]
-  single = subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'single'}"], cwd=ROOT,
-                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-                          capture_output=True, text=True, timeout=300)
-  assert single.returncode == 0, single.stderr[-3000:]
-  return shared, tmp_path / "single", outputs[0]
+  single = tmp_path / "single"
+  ran = subprocess.run([sys.executable, *args, f"--workdir={single}"], cwd=ROOT,
+                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                       capture_output=True, text=True, timeout=300)
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  rows, want = read_jsonl(shared / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
+  assert [r[x] for r in rows] == rows_at  # once each, not once per process
+  assert len(list((shared / "tb").iterdir())) == 1
+  for got, ref in zip(rows, want):
+    for key in keys:
+      np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+  return shared, single
 
 
 def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   """Multi-host through jax.distributed on one machine: two processes of one
   device each, a shared workdir. They train as one process with two devices
   does, and the run's files hold each row once (process 0 writes them)."""
-  import numpy as np
-  from jdl.logs import read_jsonl
-  shared, single, _ = _two_processes_and_one(tmp_path, [
+  shared, single = _two_processes_and_one(tmp_path, [
       "-m", "experiments.cifar", "--dataset=shapes", "--num_train=256", "--num_test=64",
-      "--epochs=2", "--batch_size=32", "--model=mlp"])
-  rows, want = read_jsonl(shared / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
-  assert [r["epoch"] for r in rows] == [1, 2]  # once each, not once per process
-  assert len(list((shared / "tb").iterdir())) == 1
-  for got, ref in zip(rows, want):
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_grad_norm"):
-      np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+      "--epochs=2", "--batch_size=32", "--model=mlp"], x="epoch", rows_at=[1, 2],
+      keys=("train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_grad_norm"))
   results = json.loads((shared / "results.json").read_text())
   assert results["test_loss"] == pytest.approx(
       json.loads((single / "results.json").read_text())["test_loss"], rel=1e-5)
@@ -123,18 +129,11 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
 
 def test_text_loop_on_two_processes_trains_like_two_devices(tmp_path):
   """The character LSTM's own loop (not jdl.train.fit) across two processes."""
-  import numpy as np
-  from jdl.logs import read_jsonl
   rhyme = tmp_path / "rhyme.txt"
   rhyme.write_text("the cat sat on the mat; the dog sat on the log.\n" * 40, encoding="utf-8")
-  shared, single, _ = _two_processes_and_one(tmp_path, [
+  shared, single = _two_processes_and_one(tmp_path, [
       "-m", "experiments.text", f"--text_file={rhyme}", "--embed_dim=8", "--hidden_size=16",
       "--num_layers=1", "--dropout=0", "--seq_len=16", "--batch_size=8", "--steps=6",
-      "--eval_every=3", "--sample_length=20", "--log_every=2"])
-  rows, want = read_jsonl(shared / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
-  assert [r["step"] for r in rows] == [3, 6]  # once each, not once per process
-  assert len(list((shared / "tb").iterdir())) == 1
-  for got, ref in zip(rows, want):
-    for key in ("train_bpc", "val_bpc"):
-      np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+      "--eval_every=3", "--sample_length=20", "--log_every=2"],
+      x="step", rows_at=[3, 6], keys=("train_bpc", "val_bpc"))
   assert (shared / "samples.txt").read_text() == (single / "samples.txt").read_text()
