@@ -198,16 +198,21 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   # in a length-1 scan; BUILD_NOTES.md), rolled on accelerators.
   unroll = True if jax.default_backend() == "cpu" else 1
 
+  # The next call's key comes out of this one, as a training loop derives its
+  # step keys on the device: no host-side key op between steps (an eager
+  # fold_in per call, resharded onto 2 CPU devices, cost ~1 ms there).
   def call(state, key, batch):
+    key, step_key = jax.random.split(key)
     if steps_per_call == 1:
-      return step(state, key, batch)
-    keys = jax.random.split(key, steps_per_call)
+      state, loss = step(state, step_key, batch)
+      return state, loss, key
+    keys = jax.random.split(step_key, steps_per_call)
     state, losses = jax.lax.scan(lambda state, key: step(state, key, batch), state, keys,
                                  unroll=unroll)
-    return state, losses[-1]
+    return state, losses[-1], key
 
-  key = jax.random.key(seed + 1, impl=PRNG_IMPL)
-  jitted = jax.jit(call, donate_argnums=0)
+  key = parallel.replicate(jax.random.key(seed + 1, impl=PRNG_IMPL), mesh)
+  jitted = jax.jit(call, donate_argnums=(0, 1))
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # a cold compile, honestly
   try:
@@ -222,14 +227,12 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   devices = 1 if mesh is None else mesh.size
   flops = float(cost.get("flops", 0.0)) * devices / steps_per_call if cost else None
 
-  carry = {"state": state, "loss": None, "calls": 0}
+  carry = {"state": state, "key": key, "loss": None}
 
   def run() -> float:
     start = time.perf_counter()
-    carry["state"], carry["loss"] = compiled(carry["state"], jax.random.fold_in(key, carry["calls"]),
-                                             batch)
+    carry["state"], carry["loss"], carry["key"] = compiled(carry["state"], carry["key"], batch)
     jax.block_until_ready(carry["loss"])
-    carry["calls"] += 1
     return (time.perf_counter() - start) / steps_per_call
 
   def result(times) -> Dict:
