@@ -6,6 +6,7 @@ Prints one JSON object: per loop, the metrics rows of both runs, whether
 the 8-device run said it was data parallel, and the one-line error for a
 batch that does not split over 8 devices.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from jdl.config import TrainConfig  # noqa: E402
 from jdl.data import load_dataset  # noqa: E402
 from jdl.errors import ConfigError  # noqa: E402
 from jdl.logs import read_jsonl  # noqa: E402
+from jdl.models import rnn  # noqa: E402
 from jdl.seeds import replica_mesh  # noqa: E402
 
 RHYME = "the cat sat on the mat; the dog sat on the log.\n" * 40
@@ -35,6 +37,16 @@ def recording_shard_batch(tree, batch_sharding):
 
 
 parallel.shard_batch = recording_shard_batch  # the loops call it as parallel.shard_batch
+SPLITS = []  # (batch, data-axis devices) of each recurrent layer traced
+_split_over_data_devices = rnn._split_over_data_devices
+
+
+def recording_split_over_data_devices(recurrence, x, valid, weights):
+  SPLITS.append((x.shape[1], parallel.context_data_devices()))  # x: (T, B, F)
+  return _split_over_data_devices(recurrence, x, valid, weights)
+
+
+rnn._split_over_data_devices = recording_split_over_data_devices  # RecurrentLayer calls it so
 
 
 def run_both(name, fit, config_for, workdir):
@@ -42,12 +54,13 @@ def run_both(name, fit, config_for, workdir):
   report = {}
   for label, devices in (("one", jax.devices()[:1]), ("eight", None)):
     lines = []
-    del SHARDED[:]
+    del SHARDED[:], SPLITS[:]
     run_dir = os.path.join(workdir, name, label)
     fit(config_for(run_dir), devices=devices, progress=False, log=lines.append)
     report[label] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     report[f"{label}_said_parallel"] = any("Data parallel over 8 devices" in str(line) for line in lines)
     report[f"{label}_sharded"] = list(SHARDED)
+    report[f"{label}_recurrent_splits"] = sorted(set(SPLITS))  # JSON: lists
   try:
     fit(config_for(os.path.join(workdir, name, "uneven"), batch_size=12), devices=None,
         progress=False, log=lambda line: None)
@@ -123,6 +136,17 @@ def main(workdir):
     return colorize.ColorizeConfig(width=8, batch_size=batch_size, epochs=2, workdir=run_dir)
   report["colorize"] = run_both("colorize", lambda c, **kw: colorize.fit(c, shapes, **kw),
                                 colorize_config, workdir)
+
+  # train.fit with an LSTM (experiments.sequence's loop): 160 MNIST-1D sequences.
+  mnist1d = load_dataset("mnist1d")
+  mnist1d = dataclasses.replace(mnist1d, train=tuple(a[:160] for a in mnist1d.train),
+                                test=tuple(a[:40] for a in mnist1d.test))
+
+  def sequence_config(run_dir, batch_size=16):
+    return TrainConfig(dataset="mnist1d", model="lstm", epochs=2, batch_size=batch_size,
+                       validation_fraction=0.2, log_every=1000, workdir=run_dir)
+  report["sequence"] = run_both("sequence", lambda c, **kw: train.fit(c, mnist1d, **kw),
+                                sequence_config, workdir)
 
   # 4 seeds: spread over 4 of the 8 devices, one replica on each.
   seeds = {}

@@ -24,7 +24,7 @@ def test_eight_devices_reach_the_parameters_of_one(tmp_path):
   assert "batch_size 12 does not split evenly over 8 devices" in report["uneven_batch_error"]
 
 
-def test_gan_text_colorize_and_seeds_loops_use_all_devices_and_train_like_one(tmp_path):
+def test_gan_text_colorize_sequence_and_seeds_loops_use_all_devices_and_train_like_one(tmp_path):
   import numpy as np
   out = subprocess.run([sys.executable, "tests/parallel_loops_driver.py", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
@@ -40,7 +40,10 @@ def test_gan_text_colorize_and_seeds_loops_use_all_devices_and_train_like_one(tm
   # Per loop: the arrays each traced step splits over the 8 devices (batch first).
   batches = {"gan": [[32, 32, 32, 3], [32]],  # images, labels
              "text": [[8, 17]],  # windows of seq_len + 1 characters
-             "colorize": [[16, 32, 32, 3]]}
+             "colorize": [[16, 32, 32, 3]],
+             # train.fit: MNIST-1D sequences and labels; eval batches (40 test
+             # sequences: inputs, labels, mask) too.
+             "sequence": [[16, 40, 1], [16], [40, 40, 1], [40]]}
   for loop, shapes in batches.items():
     run = report[loop]
     assert run["eight_said_parallel"] and not run["one_said_parallel"], loop
@@ -48,11 +51,19 @@ def test_gan_text_colorize_and_seeds_loops_use_all_devices_and_train_like_one(tm
     assert run["eight_sharded"] and {(tuple(s), n) for s, n in run["eight_sharded"]} == {
         (tuple(s), 8) for s in shapes}, (loop, run["eight_sharded"])
     assert "batch_size 12 does not split evenly over 8 devices" in run["uneven_batch_error"], loop
+    # The LSTM loops trace their steps under the 8-device mesh, so the layers
+    # run their recurrences split over the devices: (batch, devices) of the
+    # training steps, and of train.fit's evaluation batches of 40.
+    split = {(b, n) for b, n in run["eight_recurrent_splits"]}
+    assert {n for _, n in run["one_recurrent_splits"]} <= {1}, (loop, run)
+    expected = {"text": {(8, 8)}, "sequence": {(16, 8), (40, 8)}}.get(loop, set())
+    assert expected <= split and (expected or not split), (loop, split)
     # Every logged metric (losses, gradient norms, D outputs, Fréchet distance,
     # bits/char, MSEs) as on one device, up to float summation order.
     assert len(run["one"]) == len(run["eight"]) > 0, loop
     for one, eight in zip(run["one"], run["eight"]):
-      keys = [k for k, v in one.items() if isinstance(v, float) and "time" not in k]
+      keys = [k for k, v in one.items()
+              if isinstance(v, float) and "time" not in k and not k.endswith("per_s")]
       assert keys, loop
       for key in keys:
         np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, err_msg=f"{loop} {key}")
