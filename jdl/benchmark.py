@@ -199,8 +199,8 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   unroll = True if jax.default_backend() == "cpu" else 1
 
   # The next call's key comes out of this one, as a training loop derives its
-  # step keys on the device: no host-side key op between steps (an eager
-  # fold_in per call, resharded onto 2 CPU devices, cost ~1 ms there).
+  # step keys on the device: no host-side key op between steps (replacing an
+  # eager fold_in per call made no measurable difference; BUILD_NOTES.md).
   def call(state, key, batch):
     key, step_key = jax.random.split(key)
     if steps_per_call == 1:
