@@ -30,7 +30,7 @@ from jdl import checkpoint, parallel
 from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
 from jdl.errors import ConfigError, Interrupted
-from jdl.gan import save_image_grid
+from jdl.images import save_image_grid
 from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
 from jdl.plots import plot_panels

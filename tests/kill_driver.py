@@ -10,7 +10,7 @@ comes, N which occurrence:
   look      SIGKILL at the N-th time the training loop looks at its stop flag
             (`StopSignals.signum`, read after each step: once per step in the
             gan and colorize loops, once or twice in the text loop); only
-            looks from the experiment's own loop count (jdl.gan for
+            looks from the experiment's own loop count (jdl.gan.loop for
             experiments.gan, ...), not from a classifier it trains first;
   lookterm  SIGTERM at the same point;
   save      SIGKILL right after the N-th checkpoint save returns;
@@ -26,7 +26,7 @@ import signal
 import sys
 
 # The library module whose loop each experiment runs (for look/lookterm).
-LOOP_MODULE = {"experiments.gan": "jdl.gan", "experiments.text": "jdl.text",
+LOOP_MODULE = {"experiments.gan": "jdl.gan.loop", "experiments.text": "jdl.text",
                "experiments.colorize": "jdl.colorize"}
 
 

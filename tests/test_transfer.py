@@ -245,7 +245,7 @@ def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
   # structure), and compare with Orbax's restore into a freshly built state.
   pretrained = transfer.load_workdir(os.path.join(workdir, "pretrain"))
   assert pretrained.model.num_classes == 5 and type(pretrained.model).__name__ == "LeNet5"
-  tx, _ = train.build_optimizer(transfer._train_config(config), 10, 10)
+  tx, _ = train.build_optimizer(transfer.experiment._train_config(config), 10, 10)
   target = train.create_train_state(pretrained.model, (32, 32, 3), tx, jax.random.key(0))
   best, _ = checkpoint.Checkpoints(os.path.join(workdir, "pretrain")).restore_best(target)
   for a, b in zip(jax.tree.leaves(pretrained.variables["params"]), jax.tree.leaves(best.params)):

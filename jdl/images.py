@@ -1,0 +1,62 @@
+"""Pixels and image grids: [-1, 1] floats <-> uint8, and a PNG of samples.
+
+The generators (GAN, colorization) work in [-1, 1]: their last layer is a
+tanh. Real images are scaled the same way (`to_unit_range`) before a
+discriminator sees them.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdl import parallel
+from jdl.errors import ConfigError
+
+
+def to_unit_range(images) -> jax.Array:
+  """uint8 images in [0, 255] -> float32 in [-1, 1], the generator's range."""
+  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+  """Images in [-1, 1] (values outside are clipped, NaN is drawn black) -> uint8 in [0, 255]."""
+  images = np.nan_to_num(np.asarray(images, np.float32), nan=-1.0)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> str:
+  """Writes images as one PNG grid, `nrow` images per row, black borders.
+
+  The PNG is nrow*(W + padding) + padding pixels wide and
+  rows*(H + padding) + padding high, rows = ceil(N / nrow) (nrow = min(nrow, N)),
+  like torchvision's make_grid.
+
+  Arguments:
+    images: (N, H, W, C), C = 1 or 3; float in [-1, 1] or uint8.
+    path: the PNG to write; parent folders are created.
+    nrow: images per row.
+    padding: border pixels between and around images.
+  Returns:
+    `path` (written by process 0 only).
+  """
+  from PIL import Image
+
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ConfigError(f'image grid needs (N, H, W, 1 or 3) images, got shape {images.shape}')
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  n, height, width, channels = images.shape
+  cols = max(1, min(nrow, n))
+  rows = -(-n // cols)
+  grid = np.zeros((rows * (height + padding) + padding, cols * (width + padding) + padding,
+                   channels), np.uint8)
+  for i, image in enumerate(images):
+    top = padding + (i // cols) * (height + padding)
+    left = padding + (i % cols) * (width + padding)
+    grid[top:top + height, left:left + width] = image
+  if parallel.is_primary():  # one writer in a multi-host run's shared workdir
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+  return path
