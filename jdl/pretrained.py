@@ -1,4 +1,5 @@
-"""PyTorch (torchvision-layout) ResNet weights in and out of jdl, via safetensors.
+"""PyTorch weights in jdl: torchvision-layout ResNets via safetensors, and
+torch.nn.LSTM / GRU / RNN state dicts (`convert_torch_state_dict`).
 
 jdl reads only `.safetensors` files: they hold raw tensors and a JSON header, so
 loading one runs no code. It never loads pickle / `torch.save` files (`.pt`,
@@ -39,7 +40,8 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from jdl.errors import CheckpointError
+from jdl.errors import CheckpointError, ConfigError
+from jdl.models.rnn import GATES, _check_cell
 
 SUFFIX = '.safetensors'
 CONVERT_HINT = ("convert it once in PyTorch, from a source you trust: "
@@ -286,3 +288,75 @@ def load_resnet(path, model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
     return torch_to_jdl(state_dict, model, input_shape)
   except CheckpointError as e:
     raise CheckpointError(f'{os.fspath(path)}: {e}') from None
+
+
+# ------------------------------------------------- PyTorch recurrent layers
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
+    value = value.detach().cpu().numpy()
+  return np.asarray(value, np.float32)
+
+
+def convert_torch_state_dict(state_dict: Dict[str, Any], cell: str, num_layers: int,
+                             bidirectional: bool) -> Dict[str, Dict[str, np.ndarray]]:
+  """Maps a torch.nn.LSTM/GRU/RNN state dict to the params of `RNN`.
+
+  Use as `model.apply({'params': params}, x)` for `RNN`, or as
+  params['rnn'] of an `RNNClassifier`. The PyTorch module must have bias=True,
+  proj_size=0 and, to match outputs, batch_first inputs given as (B, T, F).
+
+  Arguments:
+    state_dict: {'weight_ih_l0': (G*H, F), 'weight_hh_l0': (G*H, H),
+      'bias_ih_l0': (G*H,), 'bias_hh_l0': (G*H,), ... '_reverse' for the backward
+      direction}; values numpy arrays, torch tensors or anything np.asarray takes.
+    cell: 'rnn', 'lstm' or 'gru' (the PyTorch class).
+    num_layers: the module's num_layers.
+    bidirectional: the module's bidirectional.
+
+  Returns:
+    {'layer0': {'input_kernel', 'recurrent_kernel', 'input_bias',
+    'recurrent_bias'}, 'layer0_reverse': ..., ...} of float32 numpy arrays.
+
+  Raises:
+    ConfigError: an unknown cell, a missing or unexpected key, or a wrong shape.
+  """
+  _check_cell(cell)
+  directions = ('', '_reverse') if bidirectional else ('',)
+  source = {k: _to_numpy(v) for k, v in state_dict.items()}
+  if 'weight_hh_l0' not in source:
+    raise ConfigError('torch state dict has no key weight_hh_l0')
+  hidden = source['weight_hh_l0'].shape[-1]
+  gh = GATES[cell] * hidden
+  if 'weight_ih_l0' not in source:
+    raise ConfigError('torch state dict has no key weight_ih_l0')
+  features = source['weight_ih_l0'].shape[-1]
+
+  params, used = {}, set()
+  for layer in range(num_layers):
+    width = features if layer == 0 else len(directions) * hidden
+    for suffix in directions:
+      expected = {f'weight_ih_l{layer}{suffix}': (gh, width),
+                  f'weight_hh_l{layer}{suffix}': (gh, hidden),
+                  f'bias_ih_l{layer}{suffix}': (gh,),
+                  f'bias_hh_l{layer}{suffix}': (gh,)}
+      for key, shape in expected.items():
+        if key not in source:
+          raise ConfigError(f'torch state dict has no key {key} ({cell}, {num_layers} '
+                            f'layers, bidirectional={bidirectional})')
+        if source[key].shape != shape:
+          raise ConfigError(f'torch state dict {key} has shape {source[key].shape}, '
+                            f'expected {shape} for a {cell} with hidden size {hidden}')
+      used.update(expected)
+      w_ih, w_hh, b_ih, b_hh = (source[k] for k in expected)
+      params[f'layer{layer}{suffix}'] = {
+          'input_kernel': np.ascontiguousarray(w_ih.T),  # (F, G*H)
+          'recurrent_kernel': np.ascontiguousarray(w_hh.T),  # (H, G*H)
+          'input_bias': b_ih,  # (G*H,)
+          'recurrent_bias': b_hh,  # (G*H,); differs from b_ih in the GRU's n gate
+      }
+  extra = sorted(set(source) - used)
+  if extra:
+    raise ConfigError(f'torch state dict has unexpected key {extra[0]} for a {cell} with '
+                      f'{num_layers} layers, bidirectional={bidirectional}')
+  return params

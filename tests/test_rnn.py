@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from jdl.errors import ConfigError
-from jdl.models.rnn import RNN, RNNClassifier, convert_torch_state_dict
+from jdl.models.rnn import RNN, RNNClassifier
+from jdl.pretrained import convert_torch_state_dict
 from jdl.summary import count_params, summarize
 
 B, T, F, H = 2, 5, 3, 4
@@ -533,7 +534,7 @@ def plain_lstm_scan(xs, w_h, valid):
 def test_lstm_layer_vjp_equals_autodiff_of_the_plain_scan(masked):
   """Every gradient entry of the custom VJP (inputs, both kernels, the bias),
   against jax.grad of the input projection and a plain scan."""
-  from jdl.models.rnn import lstm_layer
+  from jdl.models.lstm_layer import lstm_layer
   steps, batch, features, hidden = 6, 4, 3, 5
   rng = np.random.RandomState(7)
   x = jnp.asarray(rng.randn(steps, batch, features), jnp.float32)

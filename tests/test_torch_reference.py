@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 from jdl.models import build_model  # noqa: E402
 from jdl.models.cnn import CNN  # noqa: E402
 from jdl.models.decoder import Discriminator, Generator  # noqa: E402
-from jdl.models.rnn import RNNClassifier, convert_torch_state_dict  # noqa: E402
+from jdl.models.rnn import RNNClassifier  # noqa: E402
+from jdl.pretrained import convert_torch_state_dict  # noqa: E402
 from jdl.summary import count_params  # noqa: E402
 from jdl import torch_reference as tr  # noqa: E402
 

@@ -21,7 +21,8 @@ from jdl.models.cnn1d import CNN1D
 from jdl.models.decoder import Decoder, Discriminator, Generator
 from jdl.models.fastnet import ConvGroup, FastNet
 from jdl.models.mlp import MLP
-from jdl.models.rnn import RNN, RNNClassifier, RecurrentLayer, convert_torch_state_dict
+from jdl.models.rnn import RNN, RNNClassifier, RecurrentLayer
+from jdl.pretrained import convert_torch_state_dict  # with the other PyTorch weights
 from jdl.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet20,
                                ResNet34, ResNet50)
 from jdl.models.vgg import VGG

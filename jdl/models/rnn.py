@@ -10,8 +10,9 @@ width (F for layer 0, D*H above it, D = 2 if bidirectional else 1):
     recurrent_bias    (G*H,)     = PyTorch bias_hh_l{k}
 
 The blocks along G*H follow PyTorch's order, so a state dict converts by
-transposing only (`convert_torch_state_dict`). The submodule of layer l is
-'layer{l}', its backward direction 'layer{l}_reverse' (PyTorch's '_reverse').
+transposing only (`jdl.pretrained.convert_torch_state_dict`). The submodule of
+layer l is 'layer{l}', its backward direction 'layer{l}_reverse' (PyTorch's
+'_reverse').
 With W_i = input_kernel, W_h = recurrent_kernel, b_i, b_h the biases and the
 per-gate slices named by suffix:
 
@@ -26,7 +27,7 @@ per-gate slices named by suffix:
 
 Speed: x W_i + b_i for all time steps is one (B*T, F) @ (F, G*H) matmul before
 the scan; each scan step only computes h W_h (the LSTM's gradient is written
-out by hand: `lstm_layer`). Compute runs in `dtype` (the carry
+out by hand: `jdl.models.lstm_layer`). Compute runs in `dtype` (the carry
 too), parameters stay float32.
 
 Init (Keras' defaults): input_kernel glorot-uniform, recurrent_kernel orthogonal
@@ -54,15 +55,15 @@ unchanged (the final state is the state after the last valid step) and output
 zeros. The backward direction reverses each sequence within its own length, so
 it starts at that sequence's last valid step, as PyTorch's packed sequences do.
 """
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdl import activations, parallel
 from jdl.errors import ConfigError
+from jdl.models.lstm_layer import lstm_layer
 
 # Gate blocks per cell, in PyTorch's order along the G*H axis.
 GATES = {'rnn': 1, 'lstm': 4, 'gru': 3}
@@ -147,140 +148,11 @@ def _lstm_bias_init(hidden_size: int):
 # The rnn and gru steps take the carry h, the step's input projection
 # xp = x W_i + b_i (B, G*H), W_h (H, G*H) and b_h (1, G*H), and return the new
 # h; their gradients are JAX's autodiff of the scan. The LSTM's recurrence is
-# `lstm_layer` below.
+# `lstm_layer` (jdl/models/lstm_layer.py), with a hand-written VJP.
 
 
 def _rnn_step(act: Callable, h, xp, w_h, b_h):
   return act(xp + h @ w_h + b_h)
-
-
-# ------------------------------------------------------- LSTM layer, fast on CPU
-# XLA:CPU runs an elementwise fusion that reads one buffer at several offsets
-# (the four gate slices of h @ W_h) ~5x slower than one reading separate
-# buffers, and the autodiff of the plain scan is full of such fusions: the
-# LSTM cell's elementwise work took 4-5 ms of a 9 ms forward (B 64, T 40,
-# H 128; BUILD_NOTES.md "Issue 6"). `lstm_layer` has a hand-written VJP
-# whose backward keeps each gate in its own buffer: one (B, 4H) @ (4H, H)
-# matmul per step, then every weight and bias gradient as one matmul after
-# the loop. Its forward is one (B, H) @ (H, 4H) matmul and one tanh over
-# (B, 4H) per step, which measured ~4% faster per training step than four
-# per-gate matmuls and activations.
-
-
-def _lstm_scan(xs, w_h, valid):
-  """The forward scan: (outputs (T, B, H), (h, c) final, residuals for the VJP).
-
-  xs: (T, B, 4H) input projections of gates i, f, g, o with both biases;
-  w_h: (H, 4H); valid: None or (T, B, 1) of 1.0 (step counts) / 0.0 (keep
-  the carry). Residuals, each (T, B, H): the carry's c after each step, the
-  gate activations i, f, g, o, and (with valid) the carry's h after each
-  step (without, that is the output).
-  """
-  _, batch, four_h = xs.shape
-  hidden = four_h // 4
-  zeros = jnp.zeros((batch, hidden), xs.dtype)
-  # All four activations as one tanh over (B, 4H), sigmoid(a) = 0.5 tanh(a / 2)
-  # + 0.5 on the i, f, o blocks: one elementwise pass instead of four.
-  half, one, zero = (jnp.full((hidden,), v) for v in (0.5, 1.0, 0.0))
-  scale = jnp.concatenate([half, half, one, half]).astype(xs.dtype)[None, :]  # (1, 4H)
-  shift = jnp.concatenate([half, half, zero, half]).astype(xs.dtype)[None, :]
-
-  def body(carry, inputs):
-    h, c = carry
-    x_t, m = inputs
-    gates = jnp.tanh((x_t + h @ w_h) * scale) * scale + shift  # (B, 4H) activations
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c_new = f * c + i * g
-    h_new = o * jnp.tanh(c_new)
-    if m is None:
-      return (h_new, c_new), (h_new, (c_new, i, f, g, o))
-    out = m * h_new
-    h_new, c_new = out + (1 - m) * h, m * c_new + (1 - m) * c
-    return (h_new, c_new), (out, (c_new, i, f, g, o, h_new))
-
-  carry, (ys, residuals) = jax.lax.scan(body, (zeros, zeros), (xs, valid))
-  return ys, carry, residuals
-
-
-def _lstm_forward(x, w_i, b, w_h, valid):
-  """`lstm_layer`'s forward, with the residuals its VJP needs."""
-  steps, batch, features = x.shape
-  xs = x.reshape(steps * batch, features) @ w_i + b[None, :]  # (T*B, 4H), all steps at once
-  return _lstm_scan(xs.reshape(steps, batch, -1), w_h, valid)
-
-
-@jax.custom_vjp
-def lstm_layer(x, w_i, b, w_h, valid=None):
-  """One LSTM layer over time from zero state: (outputs (T, B, H), (h, c) final).
-
-  The cell of the module docstring, time-major, with a VJP written out by
-  hand for speed on CPU.
-
-  Arguments:
-    x: (T, B, F) inputs.
-    w_i: (F, 4H) input kernel; b: (4H,) both biases summed; w_h: (H, 4H)
-      recurrent kernel; gates i, f, g, o along 4H.
-    valid: None, or (T, B, 1) floats, 1.0 where step t of sequence b counts
-      and 0.0 where the carry is kept and the output is zero.
-  """
-  ys, carry, _ = _lstm_forward(x, w_i, b, w_h, valid)
-  return ys, carry
-
-
-def _lstm_layer_fwd(x, w_i, b, w_h, valid=None):
-  ys, carry, residuals = _lstm_forward(x, w_i, b, w_h, valid)
-  return (ys, carry), (x, w_i, w_h, valid, ys, residuals)
-
-
-def _lstm_layer_bwd(saved, cotangents):
-  x, w_i, w_h, valid, ys, (c_seq, i, f, g, o, *h_seq) = saved  # each (T, B, H)
-  d_ys, (d_h_last, d_c_last) = cotangents
-  w_t = w_h.T  # (4H, H)
-  previous = lambda seq: jnp.concatenate([jnp.zeros_like(seq[:1]), seq[:-1]])  # carry entering t
-  c_prev = previous(c_seq)
-  # tanh of the step's new c; past a length c_seq holds the kept carry instead,
-  # but there every term using it is multiplied by m = 0.
-  tanh_c = jnp.tanh(c_seq)
-
-  def body(carry, inputs):
-    d_h, d_c = carry  # gradients of the carry leaving this step
-    d_y, c_p, i_t, f_t, g_t, o_t, tc, m = inputs
-    if m is None:
-      d_h_new, d_c_new = d_h + d_y, d_c
-    else:  # the carry is m * new + (1 - m) * old, the output m * h_new
-      d_h_new, d_c_new = m * (d_h + d_y), m * d_c
-    d_c_total = d_c_new + d_h_new * o_t * (1 - tc * tc)
-    d_gates = jnp.concatenate([  # gradients of the pre-activations, (B, 4H)
-        d_c_total * g_t * i_t * (1 - i_t),
-        d_c_total * c_p * f_t * (1 - f_t),
-        d_c_total * i_t * (1 - g_t * g_t),
-        d_h_new * tc * o_t * (1 - o_t)], axis=-1)
-    d_h_old = d_gates @ w_t
-    d_c_old = d_c_total * f_t
-    if m is not None:
-      d_h_old = d_h_old + (1 - m) * d_h
-      d_c_old = d_c_old + (1 - m) * d_c
-    return (d_h_old, d_c_old), d_gates
-
-  _, d_xs = jax.lax.scan(body, (d_h_last, d_c_last),
-                         (d_ys, c_prev, i, f, g, o, tanh_c, valid), reverse=True)
-  steps, batch, features = x.shape
-  hidden = w_h.shape[0]
-  d_xs = d_xs.reshape(steps * batch, 4 * hidden)
-  h_prev = previous(h_seq[0] if h_seq else ys)
-  # Every weight and bias gradient in one (F + H + 1, T*B) @ (T*B, 4H) matmul:
-  # two or three smaller ones ran side by side on XLA:CPU's two threads and
-  # took longer than this one.
-  rows = jnp.concatenate([x.reshape(steps * batch, features), h_prev.reshape(steps * batch, hidden),
-                          jnp.ones((steps * batch, 1), x.dtype)], axis=-1)
-  d_w = rows.T @ d_xs  # (F + H + 1, 4H)
-  d_x = (d_xs @ w_i.T).reshape(steps, batch, features)
-  d_valid = None if valid is None else jnp.zeros_like(valid)
-  return (d_x, d_w[:features].astype(w_i.dtype), d_w[-1].astype(w_i.dtype),
-          d_w[features:-1].astype(w_h.dtype), d_valid)
-
-
-lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
 
 
 def _gru_step(h, xp, w_h, b_h):
@@ -561,79 +433,6 @@ class RNNClassifier(nn.Module):
     last = last_state(states, self.cell, self.bidirectional)  # (B, D*H)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(last)
     return logits.astype(jnp.float32), {'pre_logits': last, 'sequence': outputs}
-
-
-# ------------------------------------------------------------- PyTorch weights
-
-
-def _to_numpy(value) -> np.ndarray:
-  if hasattr(value, 'detach'):  # a torch.Tensor, without importing torch
-    value = value.detach().cpu().numpy()
-  return np.asarray(value, np.float32)
-
-
-def convert_torch_state_dict(state_dict: Dict[str, Any], cell: str, num_layers: int,
-                             bidirectional: bool) -> Dict[str, Dict[str, np.ndarray]]:
-  """Maps a torch.nn.LSTM/GRU/RNN state dict to the params of `RNN`.
-
-  Use as `model.apply({'params': params}, x)` for `RNN`, or as
-  params['rnn'] of an `RNNClassifier`. The PyTorch module must have bias=True,
-  proj_size=0 and, to match outputs, batch_first inputs given as (B, T, F).
-
-  Arguments:
-    state_dict: {'weight_ih_l0': (G*H, F), 'weight_hh_l0': (G*H, H),
-      'bias_ih_l0': (G*H,), 'bias_hh_l0': (G*H,), ... '_reverse' for the backward
-      direction}; values numpy arrays, torch tensors or anything np.asarray takes.
-    cell: 'rnn', 'lstm' or 'gru' (the PyTorch class).
-    num_layers: the module's num_layers.
-    bidirectional: the module's bidirectional.
-
-  Returns:
-    {'layer0': {'input_kernel', 'recurrent_kernel', 'input_bias',
-    'recurrent_bias'}, 'layer0_reverse': ..., ...} of float32 numpy arrays.
-
-  Raises:
-    ConfigError: an unknown cell, a missing or unexpected key, or a wrong shape.
-  """
-  _check_cell(cell)
-  directions = ('', '_reverse') if bidirectional else ('',)
-  source = {k: _to_numpy(v) for k, v in state_dict.items()}
-  if 'weight_hh_l0' not in source:
-    raise ConfigError('torch state dict has no key weight_hh_l0')
-  hidden = source['weight_hh_l0'].shape[-1]
-  gh = GATES[cell] * hidden
-  if 'weight_ih_l0' not in source:
-    raise ConfigError('torch state dict has no key weight_ih_l0')
-  features = source['weight_ih_l0'].shape[-1]
-
-  params, used = {}, set()
-  for layer in range(num_layers):
-    width = features if layer == 0 else len(directions) * hidden
-    for suffix in directions:
-      expected = {f'weight_ih_l{layer}{suffix}': (gh, width),
-                  f'weight_hh_l{layer}{suffix}': (gh, hidden),
-                  f'bias_ih_l{layer}{suffix}': (gh,),
-                  f'bias_hh_l{layer}{suffix}': (gh,)}
-      for key, shape in expected.items():
-        if key not in source:
-          raise ConfigError(f'torch state dict has no key {key} ({cell}, {num_layers} '
-                            f'layers, bidirectional={bidirectional})')
-        if source[key].shape != shape:
-          raise ConfigError(f'torch state dict {key} has shape {source[key].shape}, '
-                            f'expected {shape} for a {cell} with hidden size {hidden}')
-      used.update(expected)
-      w_ih, w_hh, b_ih, b_hh = (source[k] for k in expected)
-      params[f'layer{layer}{suffix}'] = {
-          'input_kernel': np.ascontiguousarray(w_ih.T),  # (F, G*H)
-          'recurrent_kernel': np.ascontiguousarray(w_hh.T),  # (H, G*H)
-          'input_bias': b_ih,  # (G*H,)
-          'recurrent_bias': b_hh,  # (G*H,); differs from b_ih in the GRU's n gate
-      }
-  extra = sorted(set(source) - used)
-  if extra:
-    raise ConfigError(f'torch state dict has unexpected key {extra[0]} for a {cell} with '
-                      f'{num_layers} layers, bidirectional={bidirectional}')
-  return params
 
 
 class LanguageModel(nn.Module):
