@@ -35,7 +35,8 @@ from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
 from jdl.plots import plot_panels
 from jdl.summary import summarize
-from jdl.train import PRNG_IMPL, StepChecker, StopSignals, TrainState, keep_if, step_status
+from jdl.reliability import StepChecker, StopSignals, keep_if, step_status
+from jdl.train import PRNG_IMPL, TrainState
 
 # BT.601 luma weights of R, G, B.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)

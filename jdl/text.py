@@ -40,7 +40,8 @@ from jdl.models import rnn
 from jdl.models.rnn import LanguageModel
 from jdl.plots import plot_learning_curves
 from jdl.summary import summarize
-from jdl.train import PRNG_IMPL, StepChecker, StopSignals, keep_if, step_status
+from jdl.reliability import StepChecker, StopSignals, keep_if, step_status
+from jdl.train import PRNG_IMPL
 
 # The offline default corpus, shipped with the package (see its NOTICE).
 DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "text", "python_reference.txt")
@@ -246,7 +247,7 @@ def make_train_step(batch_size: int, seq_len: int, batch_sharding=None):
   `batch_size` window starts from fold_in(step_key, s), so a resumed run sees
   the same windows. A step with a non-finite loss or gradient is not applied
   (only the step counter moves); `status` (int32: 0 good, 1 non-finite loss,
-  2 non-finite gradients, as jdl.train.step_status) tells the loop.
+  2 non-finite gradients, as jdl.reliability.step_status) tells the loop.
   With `batch_sharding` (data parallel, see jdl.parallel) the windows are
   split over the devices along the batch axis.
   """

@@ -15,14 +15,12 @@ step s uses fold_in(step_key, s) and epoch e's order uses fold_in(data_key, e),
 so a resumed run replays exactly the batches and dropout masks it would have
 seen without the interruption.
 """
-import collections
 import dataclasses
 import functools
 import math
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -35,10 +33,11 @@ from flax.training import train_state
 from jdl import checkpoint, losses, metrics as metrics_lib, optim, parallel
 from jdl.config import TrainConfig, default_workdir, make_writable_dir, validate
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
-from jdl.errors import ConfigError, Interrupted, TrainingError
+from jdl.errors import ConfigError, Interrupted
 from jdl.logs import MetricWriter, write_json
 from jdl.models import build_model
 from jdl.plots import plot_learning_curves
+from jdl.reliability import StepChecker, StopSignals, keep_if
 from jdl.summary import summarize
 
 
@@ -47,9 +46,7 @@ from jdl.summary import summarize
 # (0.37 s vs 2.9 s for one normal draw of (128, 32, 32, 16); BUILD_NOTES.md),
 # which is most of the time to first step of a small model.
 PRNG_IMPL = "rbg"
-# Steps the host may dispatch ahead of the device. Two keep the device busy
-# while the progress bar, throughput and ETA track finished work.
-PIPELINE_DEPTH = 2
+
 
 
 class TrainState(train_state.TrainState):
@@ -360,90 +357,9 @@ def start_run(config: TrainConfig, dataset: Optional[Dataset], workdir: str, cre
   return dataset, train, val, (mean, std)
 
 
-def keep_if(ok, new, old):
-  """`new` where the scalar `ok` is true, else `old`, leaf by leaf (inside jit: a select per leaf)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
-def step_status(loss, grad_norm):
-  """(ok, status) of one step: status int32 0 good, 1 non-finite loss, 2 finite loss but
-  non-finite gradients (`grad_norm` is their global norm, non-finite if any is)."""
-  loss_finite = jnp.isfinite(loss)
-  ok = loss_finite & jnp.isfinite(grad_norm)
-  return ok, jnp.where(ok, 0, jnp.where(loss_finite, 2, 1)).astype(jnp.int32)
-
-
-class StepChecker:
-  """Waits on dispatched steps' statuses a few steps behind, so the host notices
-  a non-finite step without a sync per step; under nan_policy 'stop' the first
-  bad one raises TrainingError naming it.
-
-  push(step, status) after dispatching a step; flush() before anything that
-  must see every step checked (a checkpoint, the end of an epoch). `on_done`
-  is called once per checked step (the progress bar). `hint` ends the message.
-  """
-
-  def __init__(self, nan_policy: str, epoch: Optional[int], workdir: str, on_done=None,
-               hint: str = "Lower --learning_rate, set --clip_norm, or pass --nan_policy=skip "
-                           "to skip such steps"):
-    self.nan_policy, self.epoch, self.workdir, self.hint = nan_policy, epoch, workdir, hint
-    self.on_done = on_done or (lambda: None)
-    self.in_flight = collections.deque()  # (step number, status) of dispatched steps
-
-  def push(self, step: int, status) -> None:
-    self.in_flight.append((step, status))
-    while len(self.in_flight) > PIPELINE_DEPTH:
-      self._check(*self.in_flight.popleft())
-
-  def flush(self) -> None:
-    while self.in_flight:
-      self._check(*self.in_flight.popleft())
-
-  def _check(self, step: int, status) -> None:
-    status = int(status)  # Blocks until that step has run.
-    self.on_done()
-    if status and self.nan_policy == "stop":
-      what = "loss" if status == 1 else "gradients (the loss was finite)"
-      raise TrainingError(
-          f"non-finite {what} at step {step}{'' if self.epoch is None else f' (epoch {self.epoch})'}; "
-          "the update was not applied and "
-          f"the last checkpoint in {self.workdir} is unaffected. {self.hint}")
-
-
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
-
-
-class StopSignals:
-  """Turns SIGTERM and SIGINT into a request the loop honours between steps.
-
-  The loop checkpoints the step it has reached and raises `Interrupted`, so a
-  preempted or Ctrl-C'd run loses nothing. A second SIGINT stops at once
-  (KeyboardInterrupt). Outside the main thread signals cannot be caught, and
-  this does nothing.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    return False
 
 
 def _format_row(row: Dict[str, float]) -> str:

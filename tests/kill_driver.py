@@ -40,7 +40,7 @@ def main():
       sys.stdout.flush()
       os.kill(os.getpid(), signum)
 
-  from jdl import checkpoint, train
+  from jdl import checkpoint, reliability, train
   if mode in ("step", "term"):
     make_train_fn = train.make_train_fn
 
@@ -71,7 +71,7 @@ def main():
   elif mode in ("look", "lookterm"):
     loop = importlib.import_module(LOOP_MODULE.get(experiment, "jdl.train"))
     signum = signal.SIGKILL if mode == "look" else signal.SIGTERM
-    original = train.StopSignals
+    original = reliability.StopSignals
 
     class Watched(original):
       @property
@@ -83,7 +83,7 @@ def main():
       @signum.setter
       def signum(self, value):
         self._signum = value
-    # Every module that bound the class by name (`from jdl.train import StopSignals`).
+    # Every module that bound the class by name (`from jdl.reliability import StopSignals`).
     for module in list(sys.modules.values()):
       if getattr(module, "StopSignals", None) is original:
         module.StopSignals = Watched

@@ -18,7 +18,8 @@ from jdl.gan.config import GANConfig, validate_config
 from jdl.gan.quality import label_report, sample_quality, train_scorer
 from jdl.gan.step import create_gan_state, gan_train_step, generate, make_optimizers
 from jdl.images import save_image_grid, to_unit_range
-from jdl.train import PRNG_IMPL, StepChecker
+from jdl.reliability import StepChecker, StopSignals
+from jdl.train import PRNG_IMPL
 
 
 def fixed_noise(config: GANConfig, num_classes: int, count: int = 64):
@@ -45,7 +46,6 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
   from jdl.models.decoder import Discriminator, Generator
   from jdl.plots import plot_panels
   from jdl.summary import summarize
-  from jdl.train import StopSignals
 
   start_time = time.time()
   validate_config(config)

@@ -17,7 +17,8 @@ from flax import struct
 
 from jdl.data import pipeline
 from jdl.errors import ConfigError
-from jdl.train import TrainState, keep_if, step_status
+from jdl.reliability import keep_if, step_status
+from jdl.train import TrainState
 
 
 class GANState(struct.PyTreeNode):
