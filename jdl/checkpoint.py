@@ -126,8 +126,8 @@ def restore(manager: ocp.CheckpointManager, target: Any,
   if step is None:
     return None
   where = os.path.join(str(manager.directory), str(step))
-  hint = (f"; move it away (or delete it) to resume from an earlier checkpoint, "
-          f"or use another --workdir")
+  hint = ("; move it away (or delete it) to resume from an earlier checkpoint, "
+          "or use another --workdir")
   try:
     stored = manager.item_metadata(step)["state"]
   except Exception as e:  # noqa: BLE001 -- any failure to read is reported, with its cause.

@@ -4,7 +4,7 @@ A registry maps a plain name to a constructor. Looking up an unknown name raises
 `ConfigError` listing the known names, so every CLI flag that picks a part by
 name gets the same one-line error for free.
 """
-from typing import Callable, Dict, Iterator, TypeVar
+from typing import Dict, Iterator, TypeVar
 
 from jdl.errors import ConfigError
 

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp

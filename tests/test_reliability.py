@@ -1,5 +1,4 @@
 """Reliability: kill/resume, preemption, determinism, non-finite steps, damaged and untrusted files."""
-import dataclasses
 import hashlib
 import json
 import os

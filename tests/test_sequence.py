@@ -28,7 +28,8 @@ def test_mnist1d_standard_splits(mnist1d_data):
   assert mnist1d_data.input_shape == (40, 1) and mnist1d_data.num_classes == 10
   (x, y), (x_test, y_test) = mnist1d_data.train, mnist1d_data.test
   assert x.shape == (4000, 40, 1) and x_test.shape == (1000, 40, 1)
-  assert x.dtype == np.float32 and y.dtype == np.int32
+  assert x.dtype == np.float32 and y.dtype == np.int32 and y_test.dtype == np.int32
+  assert y.shape == (4000,) and y_test.shape == (1000,)
   assert np.bincount(y, minlength=10).min() > 350  # Balanced: 400 +- shuffling.
   # The generator standardises the whole set (train + test) to mean 0, std 1.
   both = np.concatenate([x, x_test])

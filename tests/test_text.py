@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jdl import text
-from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted
+from jdl.errors import ConfigError, DataError, Interrupted
 from jdl.models.rnn import LanguageModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,7 +2,6 @@
 
 Exact resume (after SIGKILL and SIGTERM, with augmentation) is tested in test_reliability.py.
 """
-import dataclasses
 import json
 import os
 
