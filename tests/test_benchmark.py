@@ -31,9 +31,41 @@ def test_logistic_figures_are_plausible():
   # again; no input gradient is needed); the rest (softmax, Adam) is small.
   matmul = 2 * batch * features * classes
   assert 2 * matmul <= result["flops_per_step"] <= 4 * matmul
+  assert result["matmul_flops_per_step"] == 2 * matmul
   assert result["mfu"] is None  # CPU peak unknown
   scanned = benchmark.benchmark("logistic", batch_size=batch, steps=2, warmup=1, steps_per_call=3)
   assert scanned["flops_per_step"] == pytest.approx(result["flops_per_step"], rel=0.05)
+  assert scanned["matmul_flops_per_step"] == 2 * matmul  # the scan's 3 steps, per step
+
+
+def test_matmul_flops_against_hand_counts():
+  """`matmul_flops` counts 2 FLOPs per multiply-add of each dot and
+  convolution, a scan's body once per step, a shard_map's body once per
+  device, a cond's costlier branch; elementwise work not at all."""
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  count = lambda fn, *args: benchmark.matmul_flops(jax.make_jaxpr(fn)(*args))
+  a, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  dot = 2 * 8 * 16 * 4
+  assert count(lambda a, w: jnp.tanh(a @ w) + 1.0, a, w) == dot
+  recurrent = jnp.ones((16, 16))
+  steps = lambda a, r: jax.lax.scan(lambda h, _: (jnp.tanh(h @ r), None), a, None, length=5)[0]
+  assert count(steps, a, recurrent) == 5 * 2 * 8 * 16 * 16
+  branches = lambda a, w: jax.lax.cond(a[0, 0] > 0, lambda: a @ w, lambda: a[:, :4] @ w[:4])
+  assert count(branches, a, w) == dot  # not dot + 2 * 8 * 4 * 4
+  mesh = jax.sharding.AbstractMesh((4,), ("data",))
+  split = jax.shard_map(lambda a, w: a @ w, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+  assert count(split, a, w) == dot  # 4 devices x a (2, 16) @ (16, 4) each
+  # A 2x2 stride-2 convolution, 3 -> 5 channels on (2, 8, 8, 3): 2 * 2*4*4*5
+  # outputs * 2*2*3 taps. Its gradient: the kernel gradient and the input
+  # gradient (a convolution of the 2-dilated output gradient, where 3 of 4
+  # taps meet zeros) each do the forward's multiply-adds again.
+  x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((2, 2, 3, 5))
+  conv = lambda x, kernel: jax.lax.conv_general_dilated(
+      x, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  forward = 2 * (2 * 4 * 4 * 5) * (2 * 2 * 3)
+  assert count(conv, x, kernel) == forward
+  assert count(jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1)), x, kernel) == 3 * forward
 
 
 def test_bad_benchmark_input():
@@ -59,7 +91,7 @@ def test_benchmark_entrypoint_json():
   assert result.returncode == 0, result.stderr[-2000:]
   row = json.loads(result.stdout.strip().splitlines()[-1])
   for key in ("model", "batch_size", "precision", "device_kind", "compile_s", "step_ms",
-              "examples_per_s", "flops_per_step", "mfu"):
+              "examples_per_s", "flops_per_step", "matmul_flops_per_step", "mfu"):
     assert key in row, key
   assert row["data_parallel_devices"] == 1
 
