@@ -43,14 +43,14 @@ def main(argv):
   rows = [result] + ([result["torch"]] if FLAGS.compare else [])
   print(f"{'framework':<10}{'model':<10}{'batch':>6}{'params':>12}{'compile s':>11}"
         f"{'step ms (p10-p90)':>24}{'ex/s':>10}{'GFLOP/step':>12}{'matmul GF':>11}{'MFU':>7}")
-  for r in rows:
-    flops = r.get("flops_per_step")
+  gflop = lambda value, width: f"{value / 1e9:>{width}.2f}" if value else f"{'-':>{width}}"
+  for r in rows:  # the PyTorch side has no FLOP count: '-'
     mfu = r.get("mfu")
     print(f"{r['framework']:<10}{r['model']:<10}{r['batch_size']:>6}{r['params']:>12,}"
           f"{r['compile_s']:>11.2f}"
           f"{r['step_ms']:>10.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})".ljust(0)
-          + f"{r['examples_per_s']:>10,.0f}{(flops or 0) / 1e9:>12.2f}"
-          + f"{(r.get('matmul_flops_per_step') or 0) / 1e9:>11.2f}"
+          + f"{r['examples_per_s']:>10,.0f}" + gflop(r.get("flops_per_step"), 12)
+          + gflop(r.get("matmul_flops_per_step"), 11)
           + (f"{mfu:>7.1%}" if mfu else f"{'n/a':>7}"))
   print(f"device: {result['device_kind']} x{result['device_count']}")
   if FLAGS.compare:
