@@ -96,12 +96,26 @@ def _sub_jaxprs(value):
       yield item.jaxpr
 
 
+def _cudnn_lstm_flops(eqn) -> float:
+  """The matmul FLOPs of one cuDNN LSTM call: per layer and direction, T steps of
+  (B, F + H) @ (F + H, 4H); the backward (input and weight gradients) twice that."""
+  batch, steps = eqn.invars[0].aval.shape[:2]  # x (forward) or dy (backward): (B, T, ...)
+  params = eqn.params
+  hidden, directions = params["hidden_size"], 2 if params["bidirectional"] else 1
+  width, forward = params["input_size"], 0.0
+  for _ in range(params["num_layers"]):
+    forward += directions * 2.0 * steps * batch * 4 * hidden * (width + hidden)
+    width = directions * hidden  # the next layer's input
+  return forward if eqn.primitive.name == "rnn_fwd" else 2.0 * forward
+
+
 def matmul_flops(jaxpr) -> float:
   """FLOPs of every dot_general and convolution in a (closed) jaxpr, 2 per multiply-add.
 
   A scan's body counts `length` times and a shard_map's body once per device
-  of its mesh; a cond counts its costliest branch and a while loop (trip
-  count unknown) its body once. Elementwise work is not counted. XLA's cost
+  of its manual axes; a cond counts its costliest branch and a while loop
+  (trip count unknown) its body once; a cuDNN LSTM call counts its matmuls.
+  Elementwise work is not counted. XLA's cost
   analysis, by contrast, counts every loop body once: for the benchmark's
   lstm (T = 40) that misses about half of the step's work.
   """
@@ -109,12 +123,15 @@ def matmul_flops(jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    out_size = float(np.prod(eqn.outvars[0].aval.shape)) if eqn.outvars else 0.0
     if name == "dot_general":
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       lhs_shape = eqn.invars[0].aval.shape
+      out_size = float(np.prod(eqn.outvars[0].aval.shape))
       total += 2.0 * out_size * float(np.prod([lhs_shape[d] for d in lhs_contract]))
+    elif name in ("rnn_fwd", "rnn_bwd"):  # the cuDNN LSTM (jax.experimental.rnn), one kernel
+      total += _cudnn_lstm_flops(eqn)
     elif name == "conv_general_dilated":
+      out_size = float(np.prod(eqn.outvars[0].aval.shape))
       rhs_shape = eqn.invars[1].aval.shape
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, *spatial)
       per_output = rhs_shape[rhs_spec[1]] * np.prod([rhs_shape[d] for d in rhs_spec[2:]])

@@ -68,6 +68,31 @@ def test_matmul_flops_against_hand_counts():
   assert count(jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1)), x, kernel) == 3 * forward
 
 
+def test_cudnn_lstm_flops_equal_the_scans():
+  """The cuDNN LSTM is one kernel call, so its FLOPs come from its parameters;
+  they must equal the dots of the scan implementation of the same LSTM (2
+  layers, both directions), forward, and twice that backward. The kernel only
+  runs on a GPU, so its two equations are stood in for here."""
+  import types
+  import jax.numpy as jnp
+  from jdl.models.rnn import RNN
+  batch, steps, features, hidden = 3, 7, 5, 8
+  model = RNN(cell="lstm", hidden_size=hidden, num_layers=2, bidirectional=True)
+  x = jnp.ones((batch, steps, features))
+  params = model.init(jax.random.key(0), x)["params"]
+  scan = benchmark.matmul_flops(jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params))
+
+  def cudnn_call(name, first_input_shape):
+    shaped = types.SimpleNamespace(aval=types.SimpleNamespace(shape=first_input_shape))
+    return types.SimpleNamespace(
+        primitive=types.SimpleNamespace(name=name), invars=[shaped], outvars=[], params=dict(
+            input_size=features, hidden_size=hidden, num_layers=2, bidirectional=True))
+  forward = benchmark.matmul_flops(types.SimpleNamespace(eqns=[cudnn_call("rnn_fwd", x.shape)]))
+  backward = benchmark.matmul_flops(types.SimpleNamespace(
+      eqns=[cudnn_call("rnn_bwd", (batch, steps, 2 * hidden))]))
+  assert forward == scan and backward == 2 * scan
+
+
 def test_bad_benchmark_input():
   with pytest.raises(ConfigError, match="unknown model 'resnet99'"):
     benchmark.benchmark("resnet99")
