@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import sys
 import time
 from typing import Dict, Optional
@@ -29,7 +28,7 @@ import optax
 from jdl import checkpoint, parallel
 from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
-from jdl.errors import ConfigError, Interrupted
+from jdl.errors import ConfigError
 from jdl.images import save_image_grid
 from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
@@ -250,9 +249,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
                         partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
             meta["train_time_s"] += time.time() - epoch_start
             ckpts.save_latest(int(state.step), state, meta)
-            raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {int(state.step)} "
-                              f"(epoch {epoch}); checkpoint saved in {workdir}; rerun the same command "
-                              "to continue", stop.signum)
+            raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch})", workdir)
         checker.flush()
       sums = jax.device_get(sums)
       train_mse = float(sums["loss"]) / max(steps_per_epoch - float(sums["skipped"]), 1)
@@ -269,8 +266,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
           f"(mean colour {row['mean_colour_mse']:.4f}, grey copy {row['grey_copy_mse']:.4f})  "
           f"{time.time() - epoch_start:.0f}s")
       if stop.signum and epoch < config.epochs:
-        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; "
-                          f"checkpoint saved in {workdir}; rerun the same command to continue", stop.signum)
+        raise stop.interrupted(f"after epoch {epoch}", workdir)
   writer.close()
   ckpts.close()
   final = test_errors(state, dataset.test[0], mean_colour)

@@ -16,7 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jdl.errors import TrainingError
+from jdl.errors import Interrupted, TrainingError
 
 # Steps the host may dispatch ahead of the device. Two keep the device busy
 # while the progress bar, throughput and ETA track finished work.
@@ -97,6 +97,12 @@ class StopSignals:
       for signum in (signal.SIGTERM, signal.SIGINT):
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
+
+  def interrupted(self, where: str, workdir: str) -> Interrupted:
+    """The Interrupted a loop raises once it has saved its checkpoint: it names
+    the signal, `where` the run stopped ('at step 12 (epoch 2)') and the workdir."""
+    return Interrupted(f"stopped by {signal.Signals(self.signum).name} {where}; checkpoint saved in "
+                       f"{workdir}; rerun the same command to continue", self.signum)
 
   def __exit__(self, *exc):
     for signum, handler in self._previous.items():

@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Optional, Tuple
@@ -34,7 +33,7 @@ from flax.training import train_state
 
 from jdl import checkpoint, optim, parallel
 from jdl.config import make_writable_dir, option
-from jdl.errors import CheckpointError, ConfigError, DataError, Interrupted
+from jdl.errors import CheckpointError, ConfigError, DataError
 from jdl.logs import MetricWriter, write_json
 from jdl.models import rnn
 from jdl.models.rnn import LanguageModel
@@ -523,9 +522,7 @@ def fit(config: TextConfig, *, devices=None, progress: bool = True, log=print) -
         meta.update(partial_loss_sum=float(loss_sum), partial_loss_count=loss_count,
                     partial_skipped=int(skipped))
         ckpts.save_latest(meta["step"], state, meta)
-        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {meta['step']}; "
-                          f"checkpoint saved in {workdir}; rerun the same command to continue",
-                          stop.signum)
+        raise stop.interrupted(f"at step {meta['step']}", workdir)
       if meta["step"] % config.eval_every == 0 or done:
         checker.flush()
         meta["train_time_s"] += time.time() - segment_start
@@ -546,9 +543,7 @@ def fit(config: TextConfig, *, devices=None, progress: bool = True, log=print) -
         log(f"step {meta['step']}/{config.steps}  train {train_bpc:.3f}  val {val_bpc:.3f} bits/char"
             f"  (bigram {bigram_bpc:.3f})")
         if stop.signum and not done:
-          raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {meta['step']}; "
-                            f"checkpoint saved in {workdir}; rerun the same command to continue",
-                            stop.signum)
+          raise stop.interrupted(f"at step {meta['step']}", workdir)
         segment_start, loss_sum, loss_count, skipped = time.time(), 0.0, 0, 0
 
   best = ckpts.restore_best(state)

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -33,7 +32,7 @@ from flax.training import train_state
 from jdl import checkpoint, losses, metrics as metrics_lib, optim, parallel
 from jdl.config import TrainConfig, default_workdir, make_writable_dir, validate
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
-from jdl.errors import ConfigError, Interrupted
+from jdl.errors import ConfigError
 from jdl.logs import MetricWriter, write_json
 from jdl.models import build_model
 from jdl.plots import plot_learning_curves
@@ -489,10 +488,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
                         partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
             meta["train_time_s"] += time.time() - epoch_start
             ckpts.save_latest(int(state.step), state, meta)
-            raise Interrupted(
-                f"stopped by {signal.Signals(stop.signum).name} at step {int(state.step)} (epoch {epoch}, "
-                f"step {index + 1} of {steps_per_epoch}); checkpoint saved in {workdir}; "
-                "rerun the same command to continue", stop.signum)
+            raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch}, step {index + 1} of "
+                                   f"{steps_per_epoch})", workdir)
       sums = jax.device_get(sums)
       epoch_time = time.time() - epoch_start
       step = int(state.step)
@@ -529,9 +526,7 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
         log(f"Early stopping: no better validation accuracy for {patience} epochs "
             f"(best {meta['best_val_accuracy']:.2%} at epoch {meta['best_epoch']})")
       if stop.signum and epoch < config.epochs:
-        raise Interrupted(
-            f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch} (step {step}); "
-            f"checkpoint saved in {workdir}; rerun the same command to continue", stop.signum)
+        raise stop.interrupted(f"after epoch {epoch} (step {step})", workdir)
 
   # --- Final evaluation of the best parameters on the test split. ---
   best = ckpts.restore_best(state) if val_batched is not None else None

@@ -3,7 +3,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import sys
 import time
 
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 from jdl import parallel
 from jdl.config import make_writable_dir
 from jdl.data import pipeline
-from jdl.errors import ConfigError, Interrupted
+from jdl.errors import ConfigError
 from jdl.gan.config import GANConfig, validate_config
 from jdl.gan.quality import label_report, sample_quality, train_scorer
 from jdl.gan.step import create_gan_state, gan_train_step, generate, make_optimizers
@@ -160,9 +159,7 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
                         partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
             meta["train_time_s"] += time.time() - epoch_start
             ckpts.save_latest(int(state.step), state, meta)
-            raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {int(state.step)} "
-                              f"(epoch {epoch}); checkpoint saved in {workdir}; rerun the same command "
-                              "to continue", stop.signum)
+            raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch})", workdir)
         checker.flush()
       sums = jax.device_get(sums)
       skipped = float(sums.pop("skipped"))
@@ -183,8 +180,7 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
           + (f"  label match {row['label_match_rate']:.1%}" if num_classes else "")
           + f"  {row['epoch_time_s']:.0f}s")
       if stop.signum and epoch < config.epochs:
-        raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}; "
-                          f"checkpoint saved in {workdir}; rerun the same command to continue", stop.signum)
+        raise stop.interrupted(f"after epoch {epoch}", workdir)
 
   writer.close()
   ckpts.close()
