@@ -29,7 +29,7 @@ from jdl import checkpoint, parallel
 from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
 from jdl.errors import ConfigError
-from jdl.images import save_image_grid
+from jdl.images import save_image_grid, to_unit_range
 from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
 from jdl.plots import plot_panels
@@ -72,11 +72,6 @@ def validate_config(config: ColorizeConfig) -> None:
       raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
   if config.nan_policy not in ("stop", "skip"):
     raise ConfigError(f"nan_policy must be stop or skip, got {config.nan_policy!r}")
-
-
-def to_unit(images) -> jax.Array:
-  """uint8 (B, H, W, 3) -> float32 in [-1, 1]."""
-  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
 def to_grey(images) -> jax.Array:
@@ -148,7 +143,7 @@ def test_errors(state: TrainState, test_images, mean_colour, batch_size: int = 5
   """MSE on [0, 1] of the model, the mean-colour baseline and the grey copy."""
   sums = np.zeros(3)
   for i in range(0, len(test_images), batch_size):
-    colour = to_unit(test_images[i:i + batch_size])
+    colour = to_unit_range(test_images[i:i + batch_size])
     predicted = predict(state, colour)
     grey = jnp.broadcast_to(to_grey(colour), colour.shape)
     for k, guess in enumerate((predicted, jnp.broadcast_to(mean_colour, colour.shape), grey)):
@@ -160,7 +155,7 @@ def test_errors(state: TrainState, test_images, mean_colour, batch_size: int = 5
 
 def save_comparison(state: TrainState, images, path: str) -> str:
   """A PNG of three rows: the grey input, the prediction and the true colour."""
-  colour = to_unit(images)
+  colour = to_unit_range(images)
   grey = jnp.broadcast_to(to_grey(colour), colour.shape)
   return save_image_grid(np.concatenate([grey, predict(state, colour), colour]), path,
                          nrow=len(images))
@@ -202,7 +197,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
   parallel.announce(mesh, config.batch_size, log)
   batch_sharding = parallel.shardings(mesh)[1]
   # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
-  mean_colour = to_unit(images.reshape(-1, 3).mean(0))
+  mean_colour = to_unit_range(images.reshape(-1, 3).mean(0))
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   # step_in_epoch/partial_sums: where a SIGTERM stopped inside an epoch.
   meta = {"epoch": 0, "step_in_epoch": 0, "partial_sums": None, "train_time_s": 0.0}
@@ -221,7 +216,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
     """sums: {'loss': summed over good steps, 'skipped': count of bad ones}."""
     idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)
     batch = parallel.shard_batch(data[idx], batch_sharding)
-    state, loss, status = train_step(state, to_unit(batch))
+    state, loss, status = train_step(state, to_unit_range(batch))
     bad = (status > 0).astype(jnp.float32)
     return state, {"loss": sums["loss"] + jnp.where(status > 0, 0.0, loss),
                    "skipped": sums["skipped"] + bad}, status

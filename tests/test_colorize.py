@@ -10,6 +10,7 @@ from PIL import Image
 from jdl import colorize
 from jdl.data import Dataset, load_dataset
 from jdl.errors import ConfigError
+from jdl.images import to_unit_range
 
 
 def test_grey_is_bt601_luma():
@@ -34,7 +35,7 @@ def tiny_config(tmp_path, **overrides):
 def test_untrained_model_starts_at_the_grey_copy(tiny_shapes, tmp_path):
   import jax
   model = colorize.Colorizer((32, 32, 3), width=8)
-  images = colorize.to_unit(tiny_shapes.test[0][:4])
+  images = to_unit_range(tiny_shapes.test[0][:4])
   variables = jax.jit(model.init)(jax.random.key(0), colorize.to_grey(images))
   predicted = jax.jit(model.apply)(variables, colorize.to_grey(images))
   grey = np.broadcast_to(np.asarray(colorize.to_grey(images)), predicted.shape)
