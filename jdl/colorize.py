@@ -34,7 +34,7 @@ from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
 from jdl.plots import plot_panels
 from jdl.summary import summarize
-from jdl.reliability import StepChecker, StopSignals, keep_if, step_status
+from jdl.reliability import StepChecker, StopSignals, keep_if, save_mid_epoch, step_status
 from jdl.train import PRNG_IMPL, TrainState
 
 # BT.601 luma weights of R, G, B.
@@ -239,11 +239,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
           checker.push(int(state.step), status)
           if stop.signum and index + 1 < steps_per_epoch:
             checker.flush()  # a bad step stops here, before its state could be saved
-            # Save this step and the epoch's position, so the rerun continues from here.
-            meta.update(step_in_epoch=index + 1,
-                        partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
-            meta["train_time_s"] += time.time() - epoch_start
-            ckpts.save_latest(int(state.step), state, meta)
+            save_mid_epoch(ckpts, state, meta, index + 1, sums, time.time() - epoch_start)
             raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch})", workdir)
         checker.flush()
       sums = jax.device_get(sums)

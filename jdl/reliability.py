@@ -5,6 +5,8 @@
   StepChecker           on the host: reads those statuses a few steps behind
                         the dispatch, so there is no sync per step, and stops
                         the run (nan_policy 'stop') naming the first bad step.
+  save_mid_epoch        checkpoints a run stopped inside an epoch, with its
+                        position and partial sums, for the rerun.
   StopSignals           SIGTERM / SIGINT become a request the loop honours
                         between steps: it checkpoints and raises Interrupted.
 """
@@ -71,6 +73,17 @@ class StepChecker:
           f"non-finite {what} at step {step}{'' if self.epoch is None else f' (epoch {self.epoch})'}; "
           "the update was not applied and "
           f"the last checkpoint in {self.workdir} is unaffected. {self.hint}")
+
+
+def save_mid_epoch(ckpts, state, meta: dict, step_in_epoch: int, sums, seconds: float) -> None:
+  """Checkpoints a run stopped inside an epoch, so that a rerun continues from
+  this step: the state, with the epoch's position (`step_in_epoch`, the
+  steps done), its metric sums so far and `seconds` more of training time in
+  `meta`. `ckpts` is a `jdl.checkpoint.Checkpoints`."""
+  meta.update(step_in_epoch=step_in_epoch,
+              partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
+  meta["train_time_s"] += seconds
+  ckpts.save_latest(int(state.step), state, meta)
 
 
 class StopSignals:

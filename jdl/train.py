@@ -36,7 +36,7 @@ from jdl.errors import ConfigError
 from jdl.logs import MetricWriter, write_json
 from jdl.models import build_model
 from jdl.plots import plot_learning_curves
-from jdl.reliability import StepChecker, StopSignals, keep_if
+from jdl.reliability import StepChecker, StopSignals, keep_if, save_mid_epoch
 from jdl.summary import summarize
 
 
@@ -484,10 +484,7 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *,
           if (index + 1) % config.log_every == 0:
             bar.set_postfix(loss=f"{float(sums['loss']) / max(index + 1 - float(sums['skipped']), 1):.4f}")
           if stop.signum and index + 1 < steps_per_epoch:
-            meta.update(step_in_epoch=index + 1,
-                        partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
-            meta["train_time_s"] += time.time() - epoch_start
-            ckpts.save_latest(int(state.step), state, meta)
+            save_mid_epoch(ckpts, state, meta, index + 1, sums, time.time() - epoch_start)
             raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch}, step {index + 1} of "
                                    f"{steps_per_epoch})", workdir)
       sums = jax.device_get(sums)

@@ -17,7 +17,7 @@ from jdl.gan.config import GANConfig, validate_config
 from jdl.gan.quality import label_report, sample_quality, train_scorer
 from jdl.gan.step import create_gan_state, gan_train_step, generate, make_optimizers
 from jdl.images import save_image_grid, to_unit_range
-from jdl.reliability import StepChecker, StopSignals
+from jdl.reliability import StepChecker, StopSignals, save_mid_epoch
 from jdl.train import PRNG_IMPL
 
 
@@ -155,10 +155,7 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
             bar.set_postfix(d_loss=f"{float(sums['d_loss']) / (index + 1 - first_index + 1e-9):.3f}")
           if stop.signum and index + 1 < steps_per_epoch:
             checker.flush()  # a bad step stops here, before its state could be saved
-            meta.update(step_in_epoch=index + 1,
-                        partial_sums={k: float(v) for k, v in jax.device_get(sums).items()})
-            meta["train_time_s"] += time.time() - epoch_start
-            ckpts.save_latest(int(state.step), state, meta)
+            save_mid_epoch(ckpts, state, meta, index + 1, sums, time.time() - epoch_start)
             raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch})", workdir)
         checker.flush()
       sums = jax.device_get(sums)
