@@ -292,7 +292,8 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   jax.config.update("jax_enable_compilation_cache", False)  # a cold compile, honestly
   try:
     start = time.perf_counter()
-    compiled = parallel.within(mesh, lambda: jitted.lower(state, key, batch).compile())()
+    traced = parallel.within(mesh, lambda: jitted.trace(state, key, batch))()
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
@@ -303,8 +304,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   flops = float(cost.get("flops", 0.0)) * devices / steps_per_call if cost else None
   # Dots and convolutions of the whole step, loops counted in full (a
   # shard_map's body once per device): what XLA's count misses in scans.
-  jaxpr = parallel.within(mesh, lambda: jax.make_jaxpr(call)(state, key, batch))()
-  counted = matmul_flops(jaxpr) / steps_per_call
+  counted = matmul_flops(traced.jaxpr) / steps_per_call  # the trace that was compiled
   mfu_flops = max(flops or 0.0, counted) or None
 
   carry = {"state": state, "key": key, "loss": None}
