@@ -11,7 +11,7 @@ import json
 
 from absl import flags
 
-from jdl import benchmark, cli
+from jdl import benchmark, cli, parallel
 from jdl.errors import ConfigError
 
 flags.DEFINE_string("model", "cnn", "a jdl classifier (cnn, lstm, fastnet, resnet18, ...) or dcgan")
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, lambda: parallel.auto_cpu_devices(FLAGS.model, FLAGS.batch_size, FLAGS.rnn_implementation))

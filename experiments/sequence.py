@@ -11,7 +11,7 @@ Models: logistic, mlp, cnn1d, rnn, lstm, gru (--hidden_size, --num_layers,
 """
 from absl import flags
 
-from jdl import cli, config as config_lib, train
+from jdl import cli, config as config_lib, parallel, train
 
 # MNIST-1D's reference training: Adam 1e-2, batch 100, no augmentation.
 DEFAULTS = dict(dataset="mnist1d", model="gru", learning_rate=1e-2, batch_size=100, epochs=100,
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, lambda: parallel.auto_cpu_devices(FLAGS.model, FLAGS.batch_size, FLAGS.rnn_implementation))

@@ -12,7 +12,7 @@ baseline computed in the same run. Rerunning with the same --workdir resumes.
 """
 from absl import flags
 
-from jdl import cli, text
+from jdl import cli, parallel, text
 
 cli.define_flags(text.TextConfig)
 FLAGS = flags.FLAGS
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, lambda: parallel.auto_cpu_devices("lstm", FLAGS.batch_size, FLAGS.rnn_implementation))

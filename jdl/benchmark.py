@@ -28,7 +28,9 @@ Data is synthetic (fixed random arrays of the right shape, already on the
 device): the benchmark times the step, not an input pipeline.
 With several local devices (GPUs, or `--cpu_devices=N` on a CPU host) the
 step is data parallel over them, as in the training loops: the batch split,
-the state replicated; `data_parallel_devices` says how many.
+the state replicated; `data_parallel_devices` says how many. For recurrent
+models, experiments.benchmark makes a CPU host one device per core by
+default, as experiments.sequence and text do (`parallel.auto_cpu_devices`).
 
 `compare_torch` times jdl's step and the same step in PyTorch in one loop,
 alternating every 5 steps: on a shared host whose speed drifts by 20% within

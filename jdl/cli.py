@@ -150,10 +150,12 @@ def define_common_flags() -> None:
                          module_name=sys.argv[0])
     flags.DEFINE_integer("process_id", 0, "multi-host: this process's index in [0, num_processes)",
                          module_name=sys.argv[0])
-    flags.DEFINE_integer("cpu_devices", 1,
+    flags.DEFINE_integer("cpu_devices", None,
                          "CPU backend: split the host into N devices (one per core is the useful "
                          "value); training is then data parallel over them, and recurrent layers "
-                         "run one loop per device, each on its own core", module_name=sys.argv[0])
+                         "run one loop per device, each on its own core. Default: one per core "
+                         "(at least 32 examples each) when training a recurrent model, else 1",
+                         module_name=sys.argv[0])
 
 
 def parse_flags(argv):
@@ -165,11 +167,25 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def call(main, argv) -> None:
+def _choose_cpu_devices(auto_cpu_devices) -> int:
+  """--cpu_devices if given; else `auto_cpu_devices()` (1 without one, or where
+  XLA_FLAGS already fixes the count)."""
+  from jdl import parallel
+  if FLAGS.cpu_devices is not None:
+    return FLAGS.cpu_devices
+  if auto_cpu_devices is None or parallel.forced_host_devices():
+    return 1
+  return auto_cpu_devices()
+
+
+def call(main, argv, auto_cpu_devices=None) -> None:
   """Calls an absl `main(argv)` after parsing, turning user errors into one line.
 
   JdlError -> `error: ...` on stderr, exit 2; Interrupted (a checkpoint was
   saved on SIGTERM/SIGINT) -> its message, exit 128 + signal.
+  auto_cpu_devices: () -> int, the CPU device count when --cpu_devices is
+  not given (the entrypoints that train recurrent models pass
+  `parallel.auto_cpu_devices` of their batch); None: one device.
   """
   if FLAGS.deterministic:
     _deterministic_gpu()
@@ -186,8 +202,13 @@ def call(main, argv) -> None:
     sys.exit(2)
   try:
     from jdl import parallel
-    if FLAGS.cpu_devices != 1:
-      parallel.set_cpu_devices(FLAGS.cpu_devices)
+    cpu_devices = _choose_cpu_devices(auto_cpu_devices)
+    if cpu_devices != 1:
+      try:
+        parallel.set_cpu_devices(cpu_devices)
+      except JdlError:  # JAX already started (main called in-process): keep its devices
+        if FLAGS.cpu_devices is not None:
+          raise
     if FLAGS.coordinator_address or FLAGS.num_processes > 1:
       if not FLAGS.coordinator_address:
         raise JdlError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0")
@@ -205,7 +226,7 @@ def call(main, argv) -> None:
     sys.exit(130)
 
 
-def run(main) -> None:
+def run(main, auto_cpu_devices=None) -> None:
   """absl's app.run with one-line errors for bad flags and user errors (see `call`)."""
   define_common_flags()
-  app.run(functools.partial(call, main), flags_parser=parse_flags)
+  app.run(functools.partial(call, main, auto_cpu_devices=auto_cpu_devices), flags_parser=parse_flags)

@@ -14,7 +14,10 @@ time loops over the devices themselves (`shard_map`, jdl.models.rnn).
 
 On a CPU-only host, `--cpu_devices=N` (`set_cpu_devices`) makes the CPU N
 devices, one per core being the useful choice: XLA:CPU runs a loop body on
-one thread, so that is how a recurrent model's loop uses every core.
+one thread, so that is how a recurrent model's loop uses every core. Left
+unset, the entrypoints that train a recurrent model pick N themselves
+(`auto_cpu_devices`); everything else keeps one device, since XLA:CPU's
+convolutions and matmuls already use every core inside one device.
 
 Multi-host: start every process with the same flags plus
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
@@ -26,6 +29,7 @@ config.json, results.json, plots) are written by process 0 only
 (`is_primary`), so that they hold each row once.
 """
 import functools
+import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import jax
@@ -97,8 +101,10 @@ def shard_batch(tree, batch_sharding: Optional[NamedSharding]):
 def announce(mesh: Optional[Mesh], batch_size: int, log: Callable[[str], None]) -> None:
   """Logs how a data-parallel run splits its batch (nothing on one device)."""
   if mesh is not None:
+    cpu = mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1
     log(f"Data parallel over {mesh.size} devices: batch {batch_size} = "
-        f"{mesh.size} x {batch_size // mesh.size}")
+        f"{mesh.size} x {batch_size // mesh.size}"
+        + (f" (the CPU split into {mesh.size}; --cpu_devices sets how many)" if cpu else ""))
 
 
 def check_batch_size(batch_size: int, mesh: Optional[Mesh]) -> None:
@@ -128,6 +134,43 @@ def set_cpu_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
   except RuntimeError as e:  # the backend already started
     raise ConfigError(f"cpu_devices must be set before JAX starts its CPU backend ({e})") from None
+
+
+RECURRENT_MODELS = ("rnn", "lstm", "gru")
+# Below ~32 sequences per device the per-step (B/N, H) @ (H, 4H) matmul is too
+# small to run a core at its peak, and the split gained nothing (text at 16
+# per device: 244.7 s vs 239.3 s on one; BUILD_NOTES.md, issue 6, session 11).
+MIN_BATCH_PER_CPU_DEVICE = 32
+
+
+def auto_cpu_devices(model: str, batch_size: int, implementation: Optional[str] = None,
+                     cores: Optional[int] = None) -> int:
+  """How many CPU devices training `model` should split the host into.
+
+  For a recurrent model (not on the cuDNN kernel): the largest N <= cores
+  that divides `batch_size` into slices of at least MIN_BATCH_PER_CPU_DEVICE;
+  else, and for every other model, 1. On 2 cores, lstm at batch 64: 2 (its
+  step ~1.4x faster than on one device; BUILD_NOTES.md, issue 6).
+
+  Arguments:
+    model: a model name ('lstm', 'cnn', ...).
+    batch_size: examples per training step.
+    implementation: the recurrent layers' ('scan', 'cudnn' or None).
+    cores: CPU cores to use; default: those this process may run on.
+  """
+  if model not in RECURRENT_MODELS or implementation == "cudnn":
+    return 1
+  if cores is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  for n in range(min(cores, batch_size // MIN_BATCH_PER_CPU_DEVICE), 1, -1):
+    if batch_size % n == 0:
+      return n
+  return 1
+
+
+def forced_host_devices() -> bool:
+  """Whether XLA_FLAGS already sets the CPU device count (as the sharding tests do)."""
+  return "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:

@@ -148,3 +148,55 @@ def test_text_loop_on_two_processes_trains_like_two_devices(tmp_path):
       "--eval_every=3", "--sample_length=20", "--log_every=2"],
       x="step", rows_at=[3, 6], keys=("train_bpc", "val_bpc"))
   assert (shared / "samples.txt").read_text() == (single / "samples.txt").read_text()
+
+
+@pytest.mark.parametrize("model,batch,cores,implementation,expected", [
+    ("lstm", 64, 2, None, 2),    # 32 per device: the benchmark's lstm
+    ("lstm", 32, 2, None, 1),    # 16 per device would not gain (text's default batch)
+    ("gru", 100, 8, None, 2),    # 3 and more would leave fewer than 32 or not divide 100
+    ("rnn", 96, 4, "scan", 3),
+    ("lstm", 64, 2, "cudnn", 1),  # a GPU kernel: the CPU's devices do not matter
+    ("cnn", 128, 2, None, 1),    # convolutions use every core inside one device
+])
+def test_auto_cpu_devices(model, batch, cores, implementation, expected):
+  from jdl import parallel
+  assert parallel.auto_cpu_devices(model, batch, implementation, cores=cores) == expected
+
+
+def test_cpu_devices_flag_default_is_the_entrypoints_choice(monkeypatch):
+  """cli.call: --cpu_devices wins; left unset, the entrypoint's auto count
+  (none: 1); where JAX already started in-process, an auto count keeps the
+  devices there and an explicit one is the one-line error."""
+  from absl import flags
+  from jdl import cli, parallel
+  from jdl.errors import ConfigError
+  cli.define_common_flags()
+  calls = []
+
+  def set_cpu_devices(count):
+    calls.append(count)
+    if count == 3:
+      raise ConfigError("cpu_devices must be set before JAX starts its CPU backend")
+  monkeypatch.setattr(parallel, "set_cpu_devices", set_cpu_devices)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  ran = []
+
+  def call(argv, auto=None):
+    flags.FLAGS.unparse_flags()
+    try:
+      cli.call(lambda _: ran.append(True), cli.parse_flags(argv), auto_cpu_devices=auto)
+    finally:
+      flags.FLAGS.unparse_flags()
+
+  call(["prog"], auto=lambda: 2)
+  call(["prog", "--cpu_devices=4"], auto=lambda: 2)
+  call(["prog"])
+  call(["prog", "--cpu_devices=1"], auto=lambda: 2)
+  call(["prog"], auto=lambda: 3)  # JAX started: runs on what it has
+  assert calls == [2, 4, 3] and len(ran) == 5
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  call(["prog"], auto=lambda: 2)
+  assert calls == [2, 4, 3] and len(ran) == 6
+  with pytest.raises(SystemExit) as exit_info:
+    call(["prog", "--cpu_devices=3"])
+  assert exit_info.value.code == 2 and calls[-1] == 3 and len(ran) == 6

@@ -41,7 +41,8 @@ recurrence is a `shard_map` over that axis: every device runs the scan of its
 1/n of the batch, and the weight gradients are summed across devices. XLA's
 automatic partitioner, given the same loop, gathered the (T, B, 4H) arrays
 onto every device instead; and XLA:CPU runs a loop body on one thread, so n
-CPU devices (`--cpu_devices`) are how an LSTM uses n cores.
+CPU devices (`--cpu_devices`, by default one per core for recurrent models)
+are how an LSTM uses n cores.
 
 Implementation: 'scan' (default, any backend) or, for LSTMs on a CUDA GPU,
 'cudnn': each layer and direction is one `jax.experimental.rnn.lstm` call (the
