@@ -28,5 +28,11 @@ def main(argv):
   train.fit(config)
 
 
+def cpu_devices() -> int:
+  """CPU devices when --cpu_devices is not given: one per core for a recurrent
+  model (jdl.parallel.auto_cpu_devices)."""
+  return parallel.auto_cpu_devices(FLAGS.model, FLAGS.batch_size, FLAGS.rnn_implementation)
+
+
 if __name__ == "__main__":
-  cli.run(main, lambda: parallel.auto_cpu_devices(FLAGS.model, FLAGS.batch_size, FLAGS.rnn_implementation))
+  cli.run(main, cpu_devices)

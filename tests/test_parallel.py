@@ -200,3 +200,25 @@ def test_cpu_devices_flag_default_is_the_entrypoints_choice(monkeypatch):
   with pytest.raises(SystemExit) as exit_info:
     call(["prog", "--cpu_devices=3"])
   assert exit_info.value.code == 2 and calls[-1] == 3 and len(ran) == 6
+
+
+@pytest.mark.parametrize("module,flag_sets", [
+    ("benchmark", [["--model=lstm", "--batch_size=64"], ["--model=cnn", "--batch_size=64"]]),
+    ("sequence", [[], ["--model=cnn1d"]]),  # its default: gru, batch 100
+    ("text", [["--batch_size=64"], []]),   # its default batch 32: one device
+])
+def test_entrypoints_choose_cpu_devices_for_recurrent_models(module, flag_sets):
+  """Each entrypoint's `cpu_devices` (cli.run's default for --cpu_devices),
+  read from its own parsed flags in a fresh process."""
+  from jdl import parallel
+  script = (f"import sys; from absl import flags; from experiments import {module}\n"
+            "for argv in sys.argv[1:]:\n"
+            "  flags.FLAGS.unparse_flags(); flags.FLAGS(['prog', *argv.split()])\n"
+            f"  print({module}.cpu_devices())\n")
+  out = subprocess.run([sys.executable, "-c", script, *(" ".join(f) for f in flag_sets)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  expected = {"benchmark": [parallel.auto_cpu_devices("lstm", 64), 1],
+              "sequence": [parallel.auto_cpu_devices("gru", 100), 1],
+              "text": [parallel.auto_cpu_devices("lstm", 64), 1]}[module]
+  assert [int(line) for line in out.stdout.split()] == expected
