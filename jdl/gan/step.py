@@ -223,8 +223,8 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
   # One cond over the whole state rather than keep_if's select per leaf: D's
   # new parameters also feed G's pass, so their selects cannot fuse into the
   # optimizer's update as a classifier's do, and ran as ~60 extra passes; the
-  # cond made the benchmark's dcgan step 2-7% faster (in-process A/B,
-  # BUILD_NOTES.md, issue 6, session 13).
+  # cond made the benchmark's dcgan step ~6% faster (median of 10 in-process
+  # A/B rounds; BUILD_NOTES.md, issue 6, session 13).
   kept = jax.lax.cond(ok, lambda: new, lambda: state)
   return kept.replace(g=kept.g.replace(step=g.step), d=kept.d.replace(step=d.step)), metrics
 
