@@ -231,14 +231,25 @@ def _timing(times, batch_size: int) -> Dict:
 def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5) -> Dict[str, Dict]:
   """Times every side `steps` times after `warmup` calls, alternating between
   sides every `block` calls, so that a host that speeds up or slows down
-  during the run (common on shared machines) moves every side alike."""
+  during the run (common on shared machines) moves every side alike.
+
+  With two sides, each block starts with one untimed call: the first call
+  after the other side's block shares the cores with that side's threads
+  still spinning (PyTorch's OpenMP pool spins for milliseconds after its
+  last op). Without it, jdl's 2-device lstm step took 16.8 ms in that
+  position against 10.3-11.5 ms in the other four, and PyTorch's 14.0
+  against 13.0-13.4 (BUILD_NOTES.md, issue 6, session 13): an artefact of
+  running both in one process, not a cost of either."""
   for side in sides.values():
     for _ in range(warmup):
       side.run()
   times = {name: [] for name in sides}
   while any(len(t) < steps for t in times.values()):
     for name, side in sides.items():
-      for _ in range(min(block, steps - len(times[name]))):
+      count = min(block, steps - len(times[name]))
+      if count and len(sides) > 1:
+        side.run()  # untimed: see above
+      for _ in range(count):
         times[name].append(side.run())
   return {name: side.result(times[name]) for name, side in sides.items()}
 

@@ -165,8 +165,12 @@ def test_sides_are_timed_alternately_in_blocks():
     return benchmark._Side(run, lambda times: {"times": times}, params=0)
 
   results = benchmark._time_sides({"a": side("a"), "b": side("b")}, steps=12, warmup=2, block=5)
-  assert calls == ["a"] * 2 + ["b"] * 2 + (["a"] * 5 + ["b"] * 5) * 2 + ["a"] * 2 + ["b"] * 2
+  # Warm-up, then blocks of 5 timed calls, each after one untimed call.
+  assert calls == ["a"] * 2 + ["b"] * 2 + (["a"] * 6 + ["b"] * 6) * 2 + ["a"] * 3 + ["b"] * 3
   assert results["a"]["times"] == [0.001] * 12 and results["b"]["times"] == [0.002] * 12
+  calls.clear()  # one side alone: nothing to settle
+  results = benchmark._time_sides({"a": side("a")}, steps=7, warmup=1, block=5)
+  assert calls == ["a"] * 8 and results["a"]["times"] == [0.001] * 7
 
 
 MALLOC_PROBE = """
