@@ -48,6 +48,9 @@ def test_overlapping_and_padded_pools_use_reference():
     ((2, 9, 8, 3), 4, 4, 2, "SAME"),       # a DCGAN discriminator conv
     ((2, 7, 7, 2), 3, (3, 2), (2, 1), ((1, 2), (0, 1))),
     ((2, 8, 8, 40), 6, 2, 1, "SAME"),      # depth 160 > 128: XLA's convolution
+    ((2, 8, 6, 16), 6, 4, 2, "SAME"),      # depth 256, even sides: conv_4x4_stride2
+    ((2, 6, 8, 12), 5, 4, 2, ((1, 1), (1, 1))),
+    ((2, 7, 7, 16), 4, 4, 2, "SAME"),      # odd sides, pads (1, 2): XLA's convolution
 ])
 def test_conv_matches_flax_conv(shape, features, kernel, strides, padding):
   x = jax.random.normal(jax.random.key(0), shape)
@@ -64,3 +67,17 @@ def test_conv_matches_flax_conv(shape, features, kernel, strides, padding):
                                     argnums=(0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                grad(fast), grad(reference))
+
+
+@pytest.mark.parametrize("shape,padding,custom", [
+    ((2, 8, 6, 16), "SAME", True), ((2, 6, 8, 12), ((1, 1), (1, 1)), True),
+    ((2, 7, 7, 16), "SAME", False), ((2, 8, 8, 16), ((1, 2), (1, 2)), False)])
+def test_4x4_stride2_conv_takes_the_transposed_conv_gradient_where_it_applies(shape, padding, custom):
+  """Only where conv_4x4_stride2's input gradient is the transposed conv's
+  (one pixel of padding, even sides) does Conv use it (its values are
+  checked against nn.Conv above)."""
+  x = jnp.zeros(shape)
+  conv = layers.Conv(4, 4, 2, padding)
+  params = conv.init(jax.random.key(0), x)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: conv.apply(params, x).sum()))(x))
+  assert ("custom_vjp_call" in jaxpr) == custom, jaxpr[:500]
