@@ -308,6 +308,20 @@ def conv_patches(x, kernel, strides: Tuple[int, int] = (1, 1), padding: Padding 
   pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding) \
       if isinstance(padding, str) else [tuple(p) for p in padding]
   x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  b, h, w, _ = x.shape
+  if (sh, sw) == (2, 2) and kh % 2 == kw % 2 == h % 2 == w % 2 == 0:
+    # Space-to-depth: a stride-2 conv with an even kernel is a stride-1 conv
+    # with a kernel half the side over 2x2 blocks of pixels (channels in
+    # (row, column, cin) order; tap 2a + r of the kernel is tap a of phase
+    # r). Its kh * kw / 4 views are whole blocks instead of kh * kw strided
+    # ones: the DCGAN discriminator's first layer (4x4 over 3 channels, B
+    # 64, 32x32) fwd+bwd 2.02 vs 2.52 ms, 2.52 vs 3.43 with the input
+    # gradient (BUILD_NOTES.md, issue 6, session 13).
+    x = x.reshape(b, h // 2, 2, w // 2, 2, cin).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, h // 2, w // 2, 4 * cin)
+    kernel = kernel.reshape(kh // 2, 2, kw // 2, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+    kh, kw, cin, sh, sw = kh // 2, kw // 2, 4 * cin, 1, 1
+    kernel = kernel.reshape(kh, kw, cin, cout)
   out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
   views = [x[:, dy:dy + (out_h - 1) * sh + 1:sh, dx:dx + (out_w - 1) * sw + 1:sw, :]
            for dy in range(kh) for dx in range(kw)]  # each (B, H', W', Cin)
