@@ -21,8 +21,8 @@ def _lstm_scan(xs, b, w_h, valid):
   xs: (T, B, 4H) input projections of gates i, f, g, o; b: (4H,) both
   biases, added inside the loop, where the step's elementwise pass reads
   them for free (a separate pass over (T, B, 4H) took ~0.5 ms of a ~11 ms
-  benchmark step); w_h: (H, 4H); valid: None or (T, B, 1) of 1.0 (step counts) / 0.0 (keep
-  the carry). Residuals, each (T, B, H): the carry's c after each step, the
+  benchmark step); w_h: (H, 4H); valid: None or (T, B, 1) of 1.0 (step
+  counts) / 0.0 (keep the carry). Residuals, each (T, B, H): the carry's c after each step, the
   gate activations i, f, g, o, and (with valid) the carry's h after each
   step (without, that is the output).
   """
