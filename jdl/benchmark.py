@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import gan, optim, parallel
+from jdl import gan, optim, parallel, xla
 from jdl.errors import ConfigError
 from jdl.models import MODELS, build_model
 from jdl.summary import count_params
@@ -300,7 +300,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
     return state, losses[-1], key
 
   key = parallel.replicate(jax.random.key(seed + 1, impl=PRNG_IMPL), mesh)
-  jitted = jax.jit(call, donate_argnums=(0, 1))
+  jitted = xla.jit(call, donate_argnums=(0, 1))
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # a cold compile, honestly
   try:
@@ -359,6 +359,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
         "mfu": (mfu_flops / step_s / (peak * devices)) if (mfu_flops and peak) else None,
         "peak_memory_bytes": memory,
         "jax_version": jax.__version__,
+        "xla_options": xla.compiler_options(),
     }
   return _Side(run, result, num_params)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdl import checkpoint, parallel
+from jdl import checkpoint, parallel, xla
 from jdl.config import make_writable_dir, option
 from jdl.data import load_dataset, pipeline
 from jdl.errors import ConfigError
@@ -211,7 +211,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
   steps_per_epoch = len(images) // config.batch_size
   shown = dataset.test[0][:8]
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(xla.jit, donate_argnums=(0, 1))
   def train_fn(state, sums, data, order, index):
     """sums: {'loss': summed over good steps, 'skipped': count of bad ones}."""
     idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import checkpoint, parallel, train
+from jdl import checkpoint, parallel, train, xla
 from jdl.config import TrainConfig, validate
 from jdl.data import Dataset, pipeline
 from jdl.errors import ConfigError, TrainingError
@@ -109,10 +109,10 @@ def fit_seeds(config: TrainConfig, dataset: Optional[Dataset] = None, *, devices
   writer = MetricWriter(workdir, meta["epoch"])
 
   # vmap over replicas: states, sums, orders and step keys; data and the step index shared.
-  train_fn = jax.jit(jax.vmap(train.make_train_fn(config), in_axes=(0, 0, None, 0, None, 0)),
+  train_fn = xla.jit(jax.vmap(train.make_train_fn(config, jit=False), in_axes=(0, 0, None, 0, None, 0)),
                      donate_argnums=(0, 1))
-  eval_one = train.make_eval_fn(config)
-  eval_fn = jax.jit(jax.vmap(eval_one, in_axes=(0, 0, None, None, None, None)))
+  eval_one = train.make_eval_fn(config, jit=False)
+  eval_fn = xla.jit(jax.vmap(eval_one, in_axes=(0, 0, None, None, None, None)))
   orders_fn = jax.jit(jax.vmap(pipeline.epoch_permutation, in_axes=(0, None, None)),
                       static_argnums=2)
   names = train.metric_names(num_classes, train=True)

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, optim, parallel
+from jdl import checkpoint, optim, parallel, xla
 from jdl.config import make_writable_dir, option
 from jdl.errors import CheckpointError, ConfigError, DataError
 from jdl.logs import MetricWriter, write_json
@@ -250,7 +250,7 @@ def make_train_step(batch_size: int, seq_len: int, batch_sharding=None):
   With `batch_sharding` (data parallel, see jdl.parallel) the windows are
   split over the devices along the batch axis.
   """
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(xla.jit, donate_argnums=0)
   def step(state, tokens, step_key):
     window_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     starts = jax.random.randint(window_key, (batch_size, 1), 0, tokens.shape[0] - seq_len)
@@ -305,7 +305,7 @@ def validation_windows(ids: np.ndarray, seq_len: int) -> Tuple[np.ndarray, np.nd
 
 def make_eval_fn(model: LanguageModel):
   """Jitted (params, inputs, targets, weights) -> summed NLL in nats over weighted targets."""
-  @jax.jit
+  @xla.jit
   def nll_sum(params, inputs, targets, weights):
     logits, _ = model.apply({"params": params}, inputs, train=False)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B, L)

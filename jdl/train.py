@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, losses, metrics as metrics_lib, optim, parallel
+from jdl import checkpoint, losses, metrics as metrics_lib, optim, parallel, xla
 from jdl.config import TrainConfig, default_workdir, make_writable_dir, validate
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
 from jdl.errors import ConfigError
@@ -196,7 +196,8 @@ def eval_step(state: TrainState, batch, mask, *, top_k: int = 5) -> Dict[str, ja
   return sums
 
 
-def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_sharding=None):
+def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_sharding=None,
+                  jit: bool = True):
   """The loop's one jitted function: batch gather + preprocessing + train_step.
 
   Signature of the result: (state, sums, data, order, index, step_key) ->
@@ -210,13 +211,14 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_
   loop waits on it a couple of steps behind, so the progress bar counts
   finished steps and a bad step is noticed without a sync per step.
   With `batch_sharding` (data parallel, see jdl.parallel) the gathered batch
-  is split over the devices along its first axis.
+  is split over the devices along its first axis. `jit=False`: the function
+  unjitted, for a caller that jits it inside its own program (`jdl.seeds`
+  vmaps it; compile options go on the outermost jit only).
   """
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   step_fn = functools.partial(train_step, label_smoothing=config.label_smoothing,
                               l1=config.l1, l2=config.l2, top_k=top_k, frozen_stats=frozen_stats)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_fn(state, sums, data, order, index, step_key):
     images, labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                          config.batch_size)
@@ -234,20 +236,22 @@ def make_train_fn(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_
             for name in sums}
     return state, sums, status
 
-  return train_fn
+  return xla.jit(train_fn, donate_argnums=(0, 1)) if jit else train_fn
 
 
-def make_eval_fn(config: TrainConfig, top_k: int = 5, batch_sharding=None):
+def make_eval_fn(config: TrainConfig, top_k: int = 5, batch_sharding=None, jit: bool = True):
+  """The jitted evaluation step: (state, sums, images, labels, mask, stats) ->
+  sums plus this batch's metric sums; `jit=False`: the function unjitted,
+  for a caller that jits it inside its own program (`jdl.seeds` vmaps it)."""
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
 
-  @jax.jit
   def eval_fn(state, sums, images, labels, mask, stats):
     images, labels, mask = parallel.shard_batch((images, labels, mask), batch_sharding)
     images = pipeline.normalize(images, *stats, dtype)
     batch_sums = eval_step(state, (images, labels), mask, top_k=top_k)
     return jax.tree.map(jnp.add, sums, batch_sums)
 
-  return eval_fn
+  return xla.jit(eval_fn) if jit else eval_fn
 
 
 def batch_for_eval(split, batch_size: int, sharding=None):

@@ -119,6 +119,8 @@ def test_benchmark_entrypoint_json():
               "examples_per_s", "flops_per_step", "matmul_flops_per_step", "mfu"):
     assert key in row, key
   assert row["data_parallel_devices"] == 1
+  from jdl import xla
+  assert row["xla_options"] == xla.compiler_options()  # what the step was compiled with
 
 
 def test_benchmark_on_two_cpu_devices():

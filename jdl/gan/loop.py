@@ -9,7 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jdl import parallel
+from jdl import parallel, xla
 from jdl.config import make_writable_dir
 from jdl.data import pipeline
 from jdl.errors import ConfigError
@@ -118,7 +118,7 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
   data = parallel.replicate({"images": images, "labels": labels}, mesh)
   z_grid, labels_grid = fixed_noise(config, num_classes)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(xla.jit, donate_argnums=(0, 1))
   def train_fn(state, sums, data, order, index, step_key):
     batch_images, batch_labels = pipeline.take_batch(data["images"], data["labels"], order, index,
                                                      config.batch_size)

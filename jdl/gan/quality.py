@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdl import xla
 from jdl.data import pipeline
 from jdl.errors import ConfigError
 from jdl.gan.config import GANConfig
@@ -76,7 +77,7 @@ class Scorer:
   def __init__(self, state, mean, std):
     self.state = state
 
-    @jax.jit
+    @xla.jit
     def apply(state, images):
       if images.dtype != jnp.uint8:  # [-1, 1] floats -> the uint8 a PNG would hold
         images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

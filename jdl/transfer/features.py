@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdl import xla
 from jdl.data import pipeline
 from jdl.errors import CheckpointError
 from jdl.parallel import is_primary
@@ -27,7 +28,7 @@ def bottleneck_features(model: TransferModel, variables: dict, images: np.ndarra
   """
   backbone_vars = {k: v["backbone"] for k, v in variables.items() if "backbone" in v}
 
-  @jax.jit
+  @xla.jit
   def features(x):
     x = pipeline.normalize(x, mean, std, model.dtype)
     _, out = model.backbone.apply(backbone_vars, x, train=False)

@@ -1,0 +1,51 @@
+"""XLA compile options for jdl's jitted steps, and `jit`, jax.jit with them.
+
+On CPU, jaxlib 0.10's XLA hands every convolution to YNNPACK by default. In
+a trace of the DCGAN step one of the two cores sat idle through each of
+those convolutions, and with them left to XLA's own (Eigen) kernels, which
+split a convolution over the whole thread pool, the steps got faster
+(2-core CPU, in-process interleaved A/B, BUILD_NOTES.md issue 6, session
+14): the discriminator's 16x16x32 -> 64 conv forward 2.8 -> 1.8 ms, its
+kernel gradient 4.0 -> 2.2 ms; training steps dcgan 2-9% faster, fastnet
+(batch 64) 18%, resnet18 (batch 32) 17%, vgg 2-3%, cnn and the recurrent
+models unchanged (they have no XLA convolutions or few). Dots and
+reductions stay on YNNPACK, as by default.
+
+The option is experimental in XLA, so `compiler_options` first checks that
+this jaxlib accepts it (one tiny compile per process) and is empty where it
+does not, or off the CPU.
+"""
+import functools
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+
+# Overwrites XLA:CPU's default list of YNNPACK fusions (dots, convolutions and
+# reductions in jaxlib 0.10) with the same list less convolutions.
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted_cpu_options() -> tuple:
+  try:
+    jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(
+        compiler_options=CPU_OPTIONS)
+  except Exception:  # noqa: BLE001 -- a jaxlib without the option: run without it
+    return ()
+  return tuple(CPU_OPTIONS.items())
+
+
+def compiler_options() -> Dict[str, str]:
+  """The options jdl compiles its steps with on this backend ({} off the CPU)."""
+  if jax.default_backend() != "cpu":
+    return {}
+  return dict(_accepted_cpu_options())
+
+
+def jit(fun: Callable, **kwargs: Any) -> Callable:
+  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()`. Call it where
+  the step is built, not at import: choosing the options starts JAX's
+  backend, after which the CPU device count is fixed."""
+  return jax.jit(fun, compiler_options=compiler_options() or None, **kwargs)
