@@ -43,7 +43,8 @@ def test_overlapping_and_padded_pools_use_reference():
 
 
 @pytest.mark.parametrize("shape,features,kernel,strides,padding", [
-    ((2, 9, 9, 3), 5, 2, 1, "SAME"),       # the notes' cnn: even kernel, SAME pads (0, 1)
+    ((2, 9, 9, 3), 5, 2, 1, "SAME"),       # even kernel, SAME pads (0, 1)
+    ((2, 9, 9, 3), 8, 3, 1, "SAME"),       # 8 outputs at stride 1: XLA's convolution
     ((2, 8, 8, 4), 6, 3, 1, "VALID"),
     ((2, 9, 8, 3), 4, 4, 2, "SAME"),       # a DCGAN discriminator conv
     ((2, 7, 7, 2), 3, (3, 2), (2, 1), ((1, 2), (0, 1))),
@@ -67,6 +68,23 @@ def test_conv_matches_flax_conv(shape, features, kernel, strides, padding):
                                     argnums=(0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                grad(fast), grad(reference))
+
+
+@pytest.mark.parametrize("shape,features,kernel,strides,patches", [
+    ((2, 9, 9, 3), 5, 2, 1, True),     # stride 1, fewer than 8 outputs (LeNet's first conv)
+    ((2, 9, 9, 3), 8, 3, 1, False),    # stride 1, 8 outputs (the cnn's first conv): XLA's
+    ((2, 8, 8, 3), 8, 4, 2, True),     # strided (space-to-depth)
+    ((2, 8, 8, 40), 4, 2, 1, False),   # depth 160 > 128
+])
+def test_which_convs_are_patches(shape, features, kernel, strides, patches):
+  """On CPU, conv_patches (slices and one dot, no convolution) only for thin
+  convs (depth <= 128) that are strided or have fewer than min_xla_features
+  outputs; XLA's convolution for the rest."""
+  x = jnp.zeros(shape)
+  conv = layers.Conv(features, kernel, strides)
+  params = conv.init(jax.random.key(0), x)
+  jaxpr = str(jax.make_jaxpr(lambda x: conv.apply(params, x))(x))
+  assert ("conv_general_dilated" not in jaxpr) == patches, jaxpr[:500]
 
 
 @pytest.mark.parametrize("shape,padding,custom", [

@@ -297,11 +297,12 @@ def conv_patches(x, kernel, strides: Tuple[int, int] = (1, 1), padding: Padding 
   channel axis in (dy, dx, cin) order, the row-major order of an HWIO kernel,
   so the kernel reshaped to (kh * kw * Cin, Cout) multiplies them directly
   (im2col). Same values up to float rounding. Its gradient is slices and
-  matmuls, which XLA:CPU computes faster than the convolution-backward kernels
-  when kh * kw * Cin is small (the notes' cnn train step, batch 128, 2-core
-  CPU: 94-96 ms with XLA's convolutions, 73-77 ms with these; BUILD_NOTES.md);
-  for wide inputs the (B, H', W', kh * kw * Cin) patches cost
-  more than they save.
+  matmuls, which XLA:CPU computed faster than YNNPACK's convolutions (its
+  default) when kh * kw * Cin is small (the notes' cnn train step, batch 128,
+  2-core CPU: 94-96 ms with those, 73-77 ms with these; BUILD_NOTES.md); for
+  wide inputs the (B, H', W', kh * kw * Cin) patches cost more than they
+  save. Against XLA's own convolution kernels (`jdl.xla`) it still wins for
+  strided and narrow thin convs only (`Conv`).
   """
   kh, kw, cin, cout = kernel.shape
   sh, sw = strides
@@ -371,10 +372,12 @@ conv_4x4_stride2.defvjp(_conv_4x4_stride2_fwd, _conv_4x4_stride2_bwd)
 class Conv(nn.Module):
   """`nn.Conv` with the same parameters ('kernel' (kh, kw, Cin, features),
   'bias'), initialisation and outputs; computed by `conv_patches` when the
-  patch depth kh * kw * Cin is at most `max_patch_depth` and the backend is
-  the CPU, by `conv_4x4_stride2` for the CPU's other 4x4 stride-2 convs
-  padded by one pixel (even sides), else by XLA's convolution (GPU and TPU
-  convolutions are fast as they are). No dilation or feature groups.
+  backend is the CPU, the patch depth kh * kw * Cin is at most
+  `max_patch_depth` and the conv is strided or has fewer than
+  `min_xla_features` outputs, by `conv_4x4_stride2` for the CPU's other 4x4
+  stride-2 convs padded by one pixel (even sides), else by XLA's convolution
+  (GPU and TPU convolutions are fast as they are). No dilation or feature
+  groups.
   """
   features: int
   kernel_size: Size = 3
@@ -384,9 +387,15 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
-  # Measured crossover on 2-core CPU (fwd+bwd): depth 12-128 faster as patches,
-  # 512 (4x4 over 32 channels) slower. BUILD_NOTES.md, issue 6.
+  # Measured on a 2-core CPU (fwd+bwd), BUILD_NOTES.md, issue 6: patch depth
+  # 12-128 faster as patches, 512 (4x4 over 32 channels) slower (session 4).
+  # Against XLA's own convolution kernels (jdl.xla's compile options;
+  # session 14, fwd + kernel gradient) only where strided or narrow: LeNet's
+  # 3 -> 6 5x5 15.1 vs 17.9 ms as patches, but the cnn's 3 -> 32 3x3 17.2 vs
+  # 9.8, 8 -> 8 3x3 12.1 vs 10.0; so stride-1 convs with at least
+  # min_xla_features outputs go to XLA.
   max_patch_depth: int = 128
+  min_xla_features: int = 8
 
   @nn.compact
   def __call__(self, x):
@@ -396,7 +405,8 @@ class Conv(nn.Module):
     strides, padding = _pair(self.strides), _padding(self.padding)
     pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
             if isinstance(padding, str) else padding)
-    if jax.default_backend() == 'cpu' and kh * kw * x.shape[-1] <= self.max_patch_depth:
+    if (jax.default_backend() == 'cpu' and kh * kw * x.shape[-1] <= self.max_patch_depth
+        and (strides != (1, 1) or self.features < self.min_xla_features)):
       y = conv_patches(x, kernel, strides, padding)
     elif (jax.default_backend() == 'cpu' and (kh, kw) == (4, 4) and strides == (2, 2)
           and tuple(map(tuple, pads)) == _PAD_1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
