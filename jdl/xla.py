@@ -1,15 +1,15 @@
 """XLA compile options for jdl's jitted steps, and `jit`, jax.jit with them.
 
 On CPU, jaxlib 0.10's XLA hands every convolution to YNNPACK by default. In
-a trace of the DCGAN step one of the two cores sat idle through each of
-those convolutions, and with them left to XLA's own (Eigen) kernels, which
-split a convolution over the whole thread pool, the steps got faster
-(2-core CPU, in-process interleaved A/B, BUILD_NOTES.md issue 6, session
-14): the discriminator's 16x16x32 -> 64 conv forward 2.8 -> 1.8 ms, its
-kernel gradient 4.0 -> 2.2 ms; training steps dcgan 2-9% faster, fastnet
-(batch 64) 18%, resnet18 (batch 32) 17%, vgg 2-3%, cnn and the recurrent
-models unchanged (they have no XLA convolutions or few). Dots and
-reductions stay on YNNPACK, as by default.
+a trace of the DCGAN step the second core sat idle through the
+discriminator's largest convolution (3.1 ms), and with convolutions left to
+XLA's own (Eigen) kernels, which split each over the whole thread pool, the
+steps got faster (2-core CPU, in-process interleaved A/B, BUILD_NOTES.md
+issue 6, session 14): that conv's forward 2.8 -> 1.8 ms, its kernel
+gradient 4.0 -> 2.2 ms; training steps dcgan 2-9% faster, fastnet (batch
+64) 18%, resnet18 (batch 32) 17%, vgg 2-3%; the cnn (then with one XLA
+convolution less, see `layers.Conv`) and the recurrent models unchanged.
+Dots and reductions stay on YNNPACK, as by default.
 
 The option is experimental in XLA, so `compiler_options` first checks that
 this jaxlib accepts it (one tiny compile per process) and is empty where it
