@@ -1,6 +1,6 @@
 """XLA compile options for jdl's jitted steps, and `jit`, jax.jit with them.
 
-On CPU, jaxlib 0.10's XLA hands every convolution to YNNPACK by default. In
+On CPU, jaxlib 0.10's XLA hands convolutions (all but tiny ones) to YNNPACK by default. In
 a trace of the DCGAN step the second core sat idle through the
 discriminator's largest convolution (3.1 ms), and with convolutions left to
 XLA's own (Eigen) kernels, which split each over the whole thread pool, the
