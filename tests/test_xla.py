@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from jdl import xla
+from jdl.models import layers
 
 
 def _conv(x, kernel):
-  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return layers._conv_nhwc(x, kernel, (2, 2), layers._PAD_1)
 
 
 def test_cpu_convolutions_leave_ynnpack_with_equal_values():
