@@ -431,10 +431,11 @@ class Conv(nn.Module):
     strides, padding = _pair(self.strides), _padding(self.padding)
     pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
             if isinstance(padding, str) else padding)
-    if (jax.default_backend() == 'cpu' and kh * kw * x.shape[-1] <= self.max_patch_depth
+    on_cpu = jax.default_backend() == 'cpu'
+    if (on_cpu and kh * kw * x.shape[-1] <= self.max_patch_depth
         and (strides != (1, 1) or self.features < self.min_xla_features)):
       y = conv_patches(x, kernel, strides, padding)
-    elif (jax.default_backend() == 'cpu' and (kh, kw) == (4, 4) and strides == (2, 2)
+    elif (on_cpu and (kh, kw) == (4, 4) and strides == (2, 2)
           and tuple(map(tuple, pads)) == _PAD_1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
       y = conv_4x4_stride2(x, kernel)
     else:
