@@ -1,8 +1,8 @@
 """XLA compile options for jdl's jitted steps, and `jit`, jax.jit with them.
 
-On CPU, jaxlib 0.10's XLA hands convolutions (all but tiny ones) to YNNPACK by default. In
-a trace of the DCGAN step the second core sat idle through the
-discriminator's largest convolution (3.1 ms), and with convolutions left to
+On CPU, jaxlib 0.10's XLA hands convolutions (all but tiny ones) to YNNPACK
+by default. In a trace of the DCGAN step the second core sat idle through
+the discriminator's largest convolution (3.1 ms), and with convolutions left to
 XLA's own (Eigen) kernels, which split each over the whole thread pool, the
 steps got faster (2-core CPU, in-process interleaved A/B, BUILD_NOTES.md
 issue 6, session 14): that conv's forward 2.8 -> 1.8 ms, its kernel
