@@ -456,6 +456,8 @@ def _torch_side(model: str, *, batch_size: int, precision: str,
     return time.perf_counter() - start
 
   def result(times) -> Dict:
+    if not all(np.isfinite(float(loss)) for loss in step.losses.values()):
+      raise ConfigError(f"PyTorch {model} produced a non-finite loss on synthetic data")
     return {
         "framework": "torch",
         "model": model,

@@ -211,7 +211,21 @@ class FastNet(nn.Module):
 
   def forward(self, x):  # (B, C, 32, 32) -> logits (B, num_classes)
     x = self.groups(F.gelu(self.whiten(x)))  # (B, 256, 3, 3)
-    return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
+    return self.head(global_max_pool(x)) * self.logit_scale
+
+
+def global_max_pool(x):
+  """Max over the spatial axes: (B, C, H, W) -> (B, C), as jdl's GlobalMaxPool.
+
+  `F.adaptive_max_pool2d`, not `torch.amax`: under torch.compile with bfloat16
+  autocast, amax's backward (an equality mask against a recomputed input,
+  divided by the number of matches) gave NaN gradients from the first step on
+  (PyTorch 2.13 CPU; pytorch/pytorch#186799 reports it on CUDA too), so the
+  GPU benchmark's fair-best side would have timed a NaN step. This backward
+  sends each gradient to one argmax; jdl's splits it among exact ties, which
+  float32 inputs practically never have.
+  """
+  return F.adaptive_max_pool2d(x, 1).flatten(1)
 
 
 class BasicBlock(nn.Module):

@@ -157,6 +157,24 @@ def test_compare_torch(model, batch):
       result["examples_per_s"] / torch_side["examples_per_s"])
 
 
+def test_torch_side_with_a_non_finite_loss_is_an_error(monkeypatch):
+  torch = pytest.importorskip("torch")
+  from jdl import torch_reference
+  build = torch_reference.build
+
+  def nan_build(*args, **kwargs):
+    step = build(*args, **kwargs)
+
+    def nan_step():
+      step()
+      step.losses["loss"] = torch.tensor(float("nan"))
+    nan_step.losses = step.losses
+    return nan_step
+  monkeypatch.setattr(torch_reference, "build", nan_build)
+  with pytest.raises(ConfigError, match="PyTorch cnn produced a non-finite loss"):
+    benchmark.benchmark_torch("cnn", batch_size=4, steps=1, warmup=0)
+
+
 def test_sides_are_timed_alternately_in_blocks():
   calls = []
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+F = torch.nn.functional
 
 from jdl.models import build_model  # noqa: E402
 from jdl.models.cnn import CNN  # noqa: E402
@@ -102,6 +103,26 @@ def test_channels_last_and_autocast_steps_run():
   step = tr.build('dcgan', batch_size=4, channels_last=True)
   step()
   assert all(math.isfinite(float(v)) for v in step.losses.values())
+
+
+def test_global_max_pool_gradient_is_finite_under_compile_and_bf16_autocast():
+  """The GPU benchmark's fair-best PyTorch side compiles under bf16 autocast;
+  there `torch.amax`'s backward gave NaN gradients (see `global_max_pool`)."""
+  torch.manual_seed(0)
+  conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+  x = torch.randn(4, 8, 6, 6)
+  pooled = lambda x: tr.global_max_pool(F.gelu(conv(x)))
+  with torch.autocast('cpu', dtype=torch.bfloat16):
+    out = torch.compile(pooled)(x)
+  out.float().sum().backward()
+  compiled = conv.weight.grad.clone()
+  conv.weight.grad = None
+  pooled(x).sum().backward()  # eager, float32
+  assert torch.isfinite(compiled).all()
+  torch.testing.assert_close(compiled, conv.weight.grad, atol=0.05 * float(conv.weight.grad.abs().max()),
+                             rtol=0)
+  y = torch.randn(2, 3, 4, 5)
+  torch.testing.assert_close(tr.global_max_pool(y), torch.amax(y, dim=(2, 3)), atol=0, rtol=0)
 
 
 def test_lstm_logits_equal_jdl():
