@@ -99,3 +99,38 @@ def test_4x4_stride2_conv_takes_the_transposed_conv_gradient_where_it_applies(sh
   params = conv.init(jax.random.key(0), x)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: conv.apply(params, x).sum()))(x))
   assert ("custom_vjp_call" in jaxpr) == custom, jaxpr[:500]
+
+
+@pytest.mark.parametrize("shape,features,kernel,strides", [
+    ((2, 9, 9, 3), 8, 3, 1),    # XLA's convolution (_cpu_conv)
+    ((2, 8, 6, 16), 6, 4, 2),   # conv_4x4_stride2
+])
+def test_conv_over_stacked_kernels_is_a_loop_not_a_grouped_conv(shape, features, kernel, strides):
+  """vmap over replicas (jdl.seeds): each replica's gradient equals its own
+  (nn.Conv's), and the compiled step has no grouped convolution, which
+  XLA:CPU ran 2-10x slower than one convolution per replica."""
+  replicas = 3
+  x = jax.random.normal(jax.random.key(0), (replicas, *shape))
+  fast = layers.Conv(features, kernel, strides)
+  reference = nn.Conv(features, layers._pair(kernel), layers._pair(strides), "SAME")
+  params = jax.vmap(reference.init)(jax.random.split(jax.random.key(1), replicas), x)
+  weights = jax.random.normal(jax.random.key(2), jax.eval_shape(jax.vmap(reference.apply), params, x).shape)
+
+  def grad(module):
+    return jax.grad(lambda p, x, w: (module.apply(p, x) * w).sum(), argnums=(0, 1))
+
+  stacked = jax.jit(jax.vmap(grad(fast)))
+  expected = [jax.jit(grad(reference))(jax.tree.map(lambda a: a[i], params), x[i], weights[i])
+              for i in range(replicas)]
+  got = stacked(params, x, weights)
+  for i in range(replicas):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-4), got, expected[i])
+  grouped = lambda f: [c for c in ("feature_group_count=", "batch_group_count=")
+                       if c in f.lower(params, x, weights).compile().as_text()]
+  assert grouped(jax.jit(jax.vmap(grad(reference)))), "premise: XLA batches nn.Conv as a grouped conv"
+  assert not grouped(stacked)
+  # With the kernel shared, the mapped axis joins the batch as usual.
+  one = jax.tree.map(lambda a: a[0], params)
+  shared = jax.jit(jax.vmap(lambda x: fast.apply(one, x)))(x)
+  np.testing.assert_allclose(shared, jax.jit(reference.apply)(one, x.reshape(-1, *shape[1:])).reshape(
+      shared.shape), rtol=1e-5, atol=1e-5)

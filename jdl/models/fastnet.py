@@ -44,12 +44,12 @@ class ConvGroup(nn.Module):
     bn = lambda name: nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-12,
         use_scale=False, dtype=self.dtype, name=name)
-    x = nn.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
-                name='conv1')(x)
+    x = layers.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                    name='conv1')(x)
     x = layers.MaxPool(2, name='pool')(x)  # pooling before BN: 4x cheaper statistics
     x = act(bn('bn1')(x))
-    x = nn.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
-                name='conv2')(x)
+    x = layers.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                    name='conv2')(x)
     return act(bn('bn2')(x))
 
 

@@ -361,6 +361,60 @@ def _conv_nhwc(x, kernel, strides, padding):
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def _vmap_kernels_as_loop(fun):
+  """`fun(x, kernel, ...)` (a convolution or one of its gradients) whose vmap
+  over a batch of kernels runs it once per kernel, an unrolled loop; with the
+  kernel shared it batches as usual (the mapped axis joins the batch).
+
+  JAX batches a convolution over stacked kernels (`jdl.seeds`' replicas) as
+  one grouped convolution, which XLA:CPU ran 2-10x slower than the same
+  convolutions one after the other: fwd+bwd of 4 replicas, B 64, 2-core CPU,
+  16 -> 32 2x2 on 16x16 18.3 vs 10.6 ms, 3 -> 32 3x3 on 32x32 89.5 vs 38.4
+  (BUILD_NOTES.md, issue 6, session 15).
+  """
+  batched = jax.custom_batching.custom_vmap(fun)
+
+  @batched.def_vmap
+  def rule(axis_size, in_batched, *args):
+    if not in_batched[1]:
+      return jax.vmap(fun, [0 if b else None for b in in_batched])(*args), True
+    return jnp.stack([fun(*(a[i] if b else a for a, b in zip(args, in_batched)))
+                      for i in range(axis_size)]), True
+  return batched
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_conv(strides: Tuple[int, int], padding):
+  """`_conv_nhwc` with these strides and padding for the CPU: the same values
+  and gradients, and under vmap over kernels a loop instead of a grouped
+  convolution (`_vmap_kernels_as_loop`) in the forward and both gradients."""
+  def conv(x, kernel):
+    return _conv_nhwc(x, kernel, strides, padding)
+
+  def input_grad(x, kernel, dy):  # x only for its shape: XLA drops the forward
+    return jax.vjp(lambda x: conv(x, kernel), x)[1](dy)[0]
+
+  def kernel_grad(x, kernel, dy):
+    return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+
+  conv_loop, input_grad_loop, kernel_grad_loop = map(_vmap_kernels_as_loop,
+                                                     (conv, input_grad, kernel_grad))
+
+  @jax.custom_vjp
+  def cpu_conv(x, kernel):
+    return conv_loop(x, kernel)
+
+  def fwd(x, kernel):
+    return conv_loop(x, kernel), (x, kernel)
+
+  def bwd(saved, dy):
+    x, kernel = saved
+    return input_grad_loop(x, kernel, dy), kernel_grad_loop(x, kernel, dy)
+
+  cpu_conv.defvjp(fwd, bwd)
+  return cpu_conv
+
+
 _PAD_1 = ((1, 1), (1, 1))
 
 
@@ -378,7 +432,7 @@ def conv_4x4_stride2(x, kernel):
   fwd+bwd with a LeakyReLU 7.76 against 8.83 ms (BUILD_NOTES.md, issue 6,
   session 13). The forward and the kernel gradient are XLA's.
   """
-  return _conv_nhwc(x, kernel, (2, 2), _PAD_1)
+  return _cpu_conv((2, 2), _PAD_1)(x, kernel)
 
 
 def _conv_4x4_stride2_fwd(x, kernel):
@@ -388,7 +442,7 @@ def _conv_4x4_stride2_fwd(x, kernel):
 def _conv_4x4_stride2_bwd(saved, dy):
   x, kernel = saved
   dx = conv_transpose_2x(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))  # (B, H, W, Cin)
-  (d_kernel,) = jax.vjp(lambda k: _conv_nhwc(x, k, (2, 2), _PAD_1), kernel)[1](dy)
+  _, d_kernel = jax.vjp(_cpu_conv((2, 2), _PAD_1), x, kernel)[1](dy)  # XLA drops the dx it does not need
   return dx.astype(x.dtype), d_kernel
 
 
@@ -438,6 +492,8 @@ class Conv(nn.Module):
     elif (on_cpu and (kh, kw) == (4, 4) and strides == (2, 2)
           and tuple(map(tuple, pads)) == _PAD_1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
       y = conv_4x4_stride2(x, kernel)
+    elif on_cpu:
+      y = _cpu_conv(strides, padding)(x, kernel)
     else:
       y = _conv_nhwc(x, kernel, strides, padding)
     if self.use_bias:
