@@ -367,7 +367,7 @@ def _vmap_kernels_as_loop(fun):
   kernel shared it batches as usual (the mapped axis joins the batch).
 
   JAX batches a convolution over stacked kernels (`jdl.seeds`' replicas) as
-  one grouped convolution, which XLA:CPU ran 2-10x slower than the same
+  one grouped convolution, which XLA:CPU ran 1.7-2.5x slower than the same
   convolutions one after the other: fwd+bwd of 4 replicas, B 64, 2-core CPU,
   16 -> 32 2x2 on 16x16 18.3 vs 10.6 ms, 3 -> 32 3x3 on 32x32 89.5 vs 38.4
   (BUILD_NOTES.md, issue 6, session 15).
