@@ -387,15 +387,16 @@ def _vmap_kernels_as_loop(fun):
 def _cpu_conv(strides: Tuple[int, int], padding):
   """`_conv_nhwc` with these strides and padding for the CPU: the same values
   and gradients, and under vmap over kernels a loop instead of a grouped
-  convolution (`_vmap_kernels_as_loop`) in the forward and both gradients."""
+  convolution (`_vmap_kernels_as_loop`) in the forward and both gradients.
+  Its `kernel_grad(x, kernel, dy)` is the kernel gradient alone."""
   def conv(x, kernel):
     return _conv_nhwc(x, kernel, strides, padding)
 
-  def input_grad(x, kernel, dy):  # x only for its shape: XLA drops the forward
-    return jax.vjp(lambda x: conv(x, kernel), x)[1](dy)[0]
+  def input_grad(x, kernel, dy):  # x only for its shape and dtype
+    return jax.linear_transpose(lambda x: conv(x, kernel), x)(dy)[0]
 
-  def kernel_grad(x, kernel, dy):
-    return jax.vjp(lambda k: conv(x, k), kernel)[1](dy)[0]
+  def kernel_grad(x, kernel, dy):  # kernel only for its shape and dtype
+    return jax.linear_transpose(lambda k: conv(x, k), kernel)(dy)[0]
 
   conv_loop, input_grad_loop, kernel_grad_loop = map(_vmap_kernels_as_loop,
                                                      (conv, input_grad, kernel_grad))
@@ -412,6 +413,7 @@ def _cpu_conv(strides: Tuple[int, int], padding):
     return input_grad_loop(x, kernel, dy), kernel_grad_loop(x, kernel, dy)
 
   cpu_conv.defvjp(fwd, bwd)
+  cpu_conv.kernel_grad = kernel_grad_loop
   return cpu_conv
 
 
@@ -442,8 +444,7 @@ def _conv_4x4_stride2_fwd(x, kernel):
 def _conv_4x4_stride2_bwd(saved, dy):
   x, kernel = saved
   dx = conv_transpose_2x(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))  # (B, H, W, Cin)
-  _, d_kernel = jax.vjp(_cpu_conv((2, 2), _PAD_1), x, kernel)[1](dy)  # XLA drops the dx it does not need
-  return dx.astype(x.dtype), d_kernel
+  return dx.astype(x.dtype), _cpu_conv((2, 2), _PAD_1).kernel_grad(x, kernel, dy)
 
 
 conv_4x4_stride2.defvjp(_conv_4x4_stride2_fwd, _conv_4x4_stride2_bwd)
