@@ -13,6 +13,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "jdl-test-xla-cache")
 os.environ["JDL_CACHE_DIR"] = CACHE_DIR  # Inherited by entrypoint subprocesses.
+os.environ["JDL_DATA_MIRROR"] = "http://127.0.0.1:9/"  # Dead port: data downloads/probes never leave.
 
 from jdl.cli import enable_compilation_cache  # noqa: E402
 

@@ -11,9 +11,12 @@ from jdl.data import load_dataset, pipeline, split_validation, tfds_source
 from jdl.errors import DataError
 
 
+# mnist, fashion_mnist, cifar10 and cifar100 are read by jdl.data.classic (tests/test_classic_data.py);
+# the TFDS path is tested on other TFDS names of the same shapes.
+
 def test_tfds_mock_loads_without_tensorflow(tmp_path):
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-    ds = load_dataset("cifar10", data_dir=str(tmp_path))
+    ds = load_dataset("svhn_cropped", data_dir=str(tmp_path))
   images, labels = ds.train
   assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
   assert labels.shape == (12,) and labels.dtype == np.int32
@@ -24,7 +27,7 @@ def test_tfds_mock_loads_without_tensorflow(tmp_path):
 
 def test_tfds_mock_subset_and_grayscale(tmp_path):
   with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
-    ds = load_dataset("mnist", data_dir=str(tmp_path), num_train=4, num_test=3)
+    ds = load_dataset("kmnist", data_dir=str(tmp_path), num_train=4, num_test=3)
   assert ds.train[0].shape == (4, 28, 28, 1)
   assert ds.test[0].shape == (3, 28, 28, 1)
 
@@ -32,10 +35,10 @@ def test_tfds_mock_subset_and_grayscale(tmp_path):
 def test_offline_missing_data_is_one_clear_error(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_source, "network_available", lambda url: False)
   with pytest.raises(DataError) as e:
-    load_dataset("cifar10", data_dir=str(tmp_path))
+    load_dataset("svhn_cropped", data_dir=str(tmp_path))
   message = str(e.value)
   assert "\n" not in message
-  for part in ("'cifar10'", str(tmp_path), "--data_dir", "--dataset=shapes", "network"):
+  for part in ("'svhn_cropped'", str(tmp_path), "--data_dir", "--dataset=shapes", "network"):
     assert part in message
 
 
@@ -48,7 +51,7 @@ def test_prepare_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_source, "network_available", lambda url: True)
   monkeypatch.setattr(tfds_source, "tensorflow_available", lambda: False)
   with pytest.raises(DataError, match=r"\.\[prepare\]"):
-    load_dataset("cifar10", data_dir=str(tmp_path))
+    load_dataset("svhn_cropped", data_dir=str(tmp_path))
 
 
 def test_download_path_prepares_array_record(tmp_path, monkeypatch):
@@ -64,7 +67,7 @@ def test_download_path_prepares_array_record(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_source, "tensorflow_available", lambda: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake_prepare)
   with pytest.raises(RuntimeError, match="network boundary"):
-    load_dataset("mnist", data_dir=str(tmp_path))
+    load_dataset("kmnist", data_dir=str(tmp_path))
   assert calls and calls[0][1] == {"file_format": "array_record"}
   assert calls[0][0].startswith(str(tmp_path))
 

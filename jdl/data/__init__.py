@@ -1,7 +1,9 @@
 """Datasets held whole in memory, and the on-device input pipeline.
 
 `load_dataset(name)` returns a `Dataset` of uint8 NHWC images and int32 labels:
-the built-in procedural `shapes` set (offline, made in seconds) or any TFDS
+the built-in procedural `shapes` set (offline, made in seconds); mnist,
+fashion_mnist, cifar10 and cifar100 read from their canonical files
+(`jdl.data.classic`, no TensorFlow, see docs/data.md); or any other TFDS
 image-classification dataset read through `tfds.data_source` (no TensorFlow at
 train time). `jdl.data.pipeline` does shuffling, batching, normalisation and
 augmentation on the device, inside the jitted step.
@@ -49,14 +51,16 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   """Loads a dataset by name into host memory.
 
   Arguments:
-    name: 'shapes' or its easy variant 'shapes_plain' (built in, offline), 'mnist1d' (sequences, made locally)
-      or a TFDS image-classification name (cifar10, cifar100, mnist, ...).
-    data_dir: where TFDS looks for prepared data (TFDS's default when None).
-    num_train: for `shapes`, how many training images to generate; for TFDS,
+    name: 'shapes' or its easy variant 'shapes_plain' (built in, offline), 'mnist1d'
+      (sequences, made locally), 'mnist', 'fashion_mnist', 'cifar10', 'cifar100'
+      (`jdl.data.classic`) or another TFDS image-classification name (svhn_cropped, ...).
+    data_dir: searched first for the classic datasets' files; where TFDS looks for
+      prepared data (TFDS's default when None).
+    num_train: for `shapes`, how many training images to generate; otherwise
       keep only the first `num_train` training examples. None: all / default.
     num_test: likewise for the test split.
-    seed: seed of the `shapes` generator (TFDS data does not depend on it).
-    download: allow TFDS to download and prepare data that is not there yet.
+    seed: seed of the `shapes` generator (other data does not depend on it).
+    download: allow downloading data that is not there yet (TFDS also prepares it).
   """
   if name in ("shapes", "shapes_plain"):
     from jdl.data import shapes
@@ -64,10 +68,13 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
                          plain=name == "shapes_plain")
     return Dataset(name, splits["train"], splits["test"], len(shapes.CLASS_NAMES),
                    tuple(shapes.CLASS_NAMES))
+  from jdl.data import classic
   if name == "mnist1d":
     from jdl.data import mnist1d
     splits = mnist1d.load()  # The standard dataset whatever the run's seed.
     dataset = Dataset("mnist1d", splits["train"], splits["test"], 10, mnist1d.CLASS_NAMES)
+  elif name in classic.DATASETS:  # The canonical files, no TensorFlow.
+    dataset = classic.load(name, data_dir=data_dir, download=download)
   else:
     from jdl.data import tfds_source
     dataset = tfds_source.load(name, data_dir=data_dir, download=download)

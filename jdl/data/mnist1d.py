@@ -17,12 +17,10 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from jdl.data.locations import cache_dir
+
 CLASS_NAMES = tuple(str(d) for d in range(10))
 SEQUENCE_LENGTH = 40
-
-
-def cache_dir() -> str:
-  return os.environ.get("JDL_DATA_CACHE") or os.path.expanduser("~/.cache/jdl/data")
 
 
 def load(seed: int = 42) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

@@ -420,12 +420,15 @@ class RNNClassifier(nn.Module):
     outputs (B, T, D*H).
 
     Arguments:
-      x: (B, T, F) sequences, or (B, T) taken as F = 1.
+      x: (B, T, F) sequences, (B, T) taken as F = 1, or (B, H, W, C) images read
+        row by row as T = H steps of F = W*C pixels (sequential MNIST by rows).
       lengths: optional (B,) ints, the valid steps of each sequence.
       train: enables dropout between layers.
     """
     if x.ndim == 2:
       x = x[..., None]  # (B, T, 1)
+    if x.ndim == 4:
+      x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, H, W*C): one step per image row
     outputs, states = RNN(
         cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
         bidirectional=self.bidirectional, dropout=self.dropout, activation=self.activation,

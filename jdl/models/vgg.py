@@ -3,6 +3,9 @@
 3x3 SAME convs (+ BatchNorm) + activation, five 2x2 max pools, global average
 pool, dropout and one Dense head. On 32x32 inputs the last pool leaves 1x1, so
 the global pool equals the usual Flatten; it also keeps larger inputs working.
+A pool over an odd side keeps the last row/column (torch's ceil_mode), so 28x28
+inputs (the MNISTs) go 14, 7, 4, 2, 1 instead of reaching 0x0; even sides pool
+exactly as before.
 Convs keep their bias even before BatchNorm, as torchvision's `vgg*_bn` and the
 kuangliu CIFAR VGG do, so parameter counts and weights line up with those.
 """
@@ -60,7 +63,7 @@ class VGG(nn.Module):
     """Returns (logits (B, num_classes) float32, features dict).
 
     Arguments:
-      x: (B, H, W, C) images with H, W >= 32 (five halvings).
+      x: (B, H, W, C) images, any H, W >= 1 (five halvings, rounded up).
       train: BatchNorm uses and updates batch statistics (mutable 'batch_stats');
         dropout is active (needs the 'dropout' rng).
     """
@@ -70,7 +73,10 @@ class VGG(nn.Module):
     for item in CONFIGS[self.depth]:
       if item == 'M':
         block_i += 1
-        x = layers.MaxPool(2, name=f'pool{block_i}')(x)  # halves H and W
+        # Halves H and W, rounding up: an odd side gets one -inf padded row/column.
+        pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
+        x = layers.MaxPool(2, padding=pad if pad != ((0, 0), (0, 0)) else 'VALID',
+                           name=f'pool{block_i}')(x)
         features[f'block{block_i}'] = x
         if self.cut_at == f'block{block_i}':
           return None, features
