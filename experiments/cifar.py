@@ -8,7 +8,7 @@ Rerunning with the same --workdir resumes where the run stopped.
 """
 from absl import flags
 
-from jdl import cli, config as config_lib, train
+from jdl import cli, config as config_lib, seeds, train
 
 flags.DEFINE_string("preset", "", "keras_mlp, keras_cnn or keras_cnn_augment: the course "
                     "notes' Keras CIFAR-10 examples; explicit flags override it")
@@ -21,7 +21,7 @@ def main(argv):
   config = cli.config_from_flags(config_lib.TrainConfig, FLAGS.preset, config_lib.apply_preset)
   config_lib.validate(config)  # Before anything loads or compiles.
   cli.enable_compilation_cache()
-  train.fit(config)
+  (seeds.fit if config.num_seeds > 1 else train.fit)(config)
 
 
 if __name__ == "__main__":

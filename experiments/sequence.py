@@ -11,7 +11,7 @@ Models: logistic, mlp, cnn1d, rnn, lstm, gru (--hidden_size, --num_layers,
 """
 from absl import flags
 
-from jdl import cli, config as config_lib, parallel, train
+from jdl import cli, config as config_lib, parallel, seeds, train
 
 # MNIST-1D's reference training: Adam 1e-2, batch 100, no augmentation.
 DEFAULTS = dict(dataset="mnist1d", model="gru", learning_rate=1e-2, batch_size=100, epochs=100,
@@ -25,7 +25,7 @@ def main(argv):
   config = cli.config_from_flags(config_lib.TrainConfig)
   config_lib.validate(config)  # Before anything loads or compiles.
   cli.enable_compilation_cache()
-  train.fit(config)
+  (seeds.fit if config.num_seeds > 1 else train.fit)(config)
 
 
 def cpu_devices() -> int:

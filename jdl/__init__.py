@@ -17,6 +17,7 @@ from jdl.data import Dataset, load_dataset  # noqa: F401
 from jdl.errors import CheckpointError, ConfigError, DataError, JdlError  # noqa: F401
 from jdl.models import MODELS, build_model  # noqa: F401
 from jdl.summary import summarize  # noqa: F401
-from jdl.train import TrainState, create_train_state, eval_step, fit, train_step  # noqa: F401
+from jdl.core import TrainState  # noqa: F401
+from jdl.train import create_train_state, eval_step, fit, train_step  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,15 +1,19 @@
-"""Checkpoints with Orbax: the latest N for resume, and the best one apart.
+"""Checkpoints with Orbax: the latest N for resume, and the best one kept beside them.
 
 Layout in a workdir:
-  checkpoints/<step>/   the latest `keep` states (params, batch_stats, opt_state,
-                        step) plus JSON loop metadata (epoch, early-stopping
-                        bookkeeping) -- enough to resume exactly;
-  best/<step>/          the state with the best validation accuracy so far.
-Orbax writes each checkpoint to `<step>.orbax-checkpoint-tmp-*` and renames it
-when complete, so a run killed mid-write leaves no half checkpoint under a
-step name; the leftover temporary directory is removed when the workdir is
-next opened. Nothing here uses pickle: arrays go to TensorStore/OCDBT,
-metadata to JSON.
+  checkpoints/<step>/   each holds the state (params, batch_stats, opt_state,
+                        step) and JSON loop metadata (epoch, position inside
+                        it, early-stopping bookkeeping): enough to resume
+                        exactly; with a best-tracking run also Orbax's
+                        `metrics` item, the value the best is chosen by.
+One `CheckpointManager` keeps the latest `keep` checkpoints and, with
+`best_mode`, also the best one by its metric (Orbax's `best_fn`/`best_mode`
+with a `LatestN` + `BestN` preservation policy), so the best survives
+however many epochs follow it. Orbax writes each checkpoint to
+`<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a run killed
+mid-write leaves no half checkpoint under a step name; the leftover is
+removed when the workdir is next opened. Nothing here uses pickle: arrays go
+to TensorStore/OCDBT, metadata to JSON.
 
 Restoring checks the stored shapes against the model first, so a checkpoint of
 another architecture is refused with the parameter path and both shapes; a
@@ -22,25 +26,87 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from jdl.errors import CheckpointError
 from jdl.optim import path_of
 
-
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True,
-      # Leftovers of a save killed before its rename; never a usable checkpoint.
-      cleanup_tmp_directories=True,
-      # Synchronous saves: a save has finished when `save` returns, which keeps
-      # resume semantics simple; a save costs ~50 ms for the notes' cnn on CPU.
-      enable_async_checkpointing=False)
-  return ocp.CheckpointManager(
-      os.path.abspath(directory), options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+def _items() -> dict:
+  """Orbax's handlers of a checkpoint's two items (made per manager: creating one
+  touches JAX's backend, which must not start when jdl is imported)."""
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
-def shapes_by_path(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+def _best_key(mode: str):
+  """Orbax's best_fn: the metric, ties going to the earliest step (the first to reach it).
+
+  Orbax keeps the last of the checkpoints sorted by this key (ascending for
+  'max', descending for 'min'), so among equal values the earliest step sorts last.
+  """
+  if mode == "max":
+    return lambda m: (m["value"], -m["step"])
+  return lambda m: (m["value"], m["step"])
+
+
+class Checkpoints:
+  """The checkpoints of one workdir: the latest `keep`, and the best by a metric.
+
+  Arguments:
+    workdir: the run's directory; checkpoints go to WORKDIR/checkpoints.
+    keep: how many of the latest checkpoints to keep.
+    best_mode: 'max' or 'min' to keep the best checkpoint too (by the metric
+      passed to `save`), None for none.
+  """
+
+  def __init__(self, workdir: str, keep: int = 2, best_mode: Optional[str] = None):
+    policies = [checkpoint_managers.LatestN(n=keep)]
+    if best_mode is not None:
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=_best_key(best_mode), reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True,
+        best_fn=_best_key(best_mode) if best_mode else None,
+        best_mode=best_mode or "max",
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        # Leftovers of a save killed before its rename; never a usable checkpoint.
+        cleanup_tmp_directories=True,
+        # Synchronous saves: a save has finished when `save` returns, which keeps
+        # resume semantics simple; a save costs ~50 ms for the notes' cnn on CPU.
+        enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                         options=options, item_handlers=_items())
+    self.tracks_best = best_mode is not None
+
+  def save(self, step: int, state: Any, meta: dict, best_value: Optional[float] = None) -> None:
+    """Saves `state` (any pytree of arrays) and JSON `meta` under `step`.
+
+    `best_value`: this state's metric (None: not a candidate for the best, e.g.
+    non-finite parameters, or a save inside an epoch). A checkpoint already
+    at `step` is replaced: after a resume the same step is recomputed
+    (bit-identically on CPU) and saved again.
+    """
+    save(self.manager, step, state, meta,
+         metrics=None if best_value is None else {"value": float(best_value), "step": int(step)})
+
+  def restore_latest(self, target: Any) -> Optional[Tuple[Any, dict]]:
+    return restore(self.manager, target)
+
+  def restore_best(self, target: Any) -> Optional[Tuple[Any, dict]]:
+    """The best checkpoint (None when none has a metric)."""
+    step = self.manager.best_step() if self.tracks_best else None
+    return None if step is None else restore(self.manager, target, step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """On several hosts: whether every process has agreed to stop and save at `step`
+    after a SIGTERM (JAX's preemption sync point). Always False on one host."""
+    return jax.process_count() > 1 and self.manager.reached_preemption(step)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def shapes_by_path(tree) -> Dict[str, Tuple[int, ...]]:
   """{'params/conv1/kernel': shape} for every leaf of `tree` (Python scalars: ())."""
   return {path_of(path): tuple(np.shape(leaf))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -69,45 +135,13 @@ def check_compatible(stored, target, where: str) -> None:
                             f"{have[path]} in the checkpoint but {want[path]} in the model")
 
 
-class Checkpoints:
-  """The latest-N and best checkpoints of one workdir.
-
-  Arguments:
-    workdir: the run's directory.
-    keep: how many of the latest checkpoints to keep.
-  """
-
-  def __init__(self, workdir: str, keep: int = 2):
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
-    self.best = _manager(os.path.join(workdir, "best"), 1)
-
-  def save_latest(self, step: int, state: Any, meta: dict) -> None:
-    save(self.latest, step, state, meta)
-
-  def save_best(self, step: int, state: Any, meta: dict) -> None:
-    save(self.best, step, state, meta)
-
-  def restore_latest(self, target: Any) -> Optional[Tuple[Any, dict]]:
-    return restore(self.latest, target)
-
-  def restore_best(self, target: Any) -> Optional[Tuple[Any, dict]]:
-    return restore(self.best, target)
-
-  def close(self) -> None:
-    self.latest.close()
-    self.best.close()
-
-
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Saves `state` (any pytree of arrays) and JSON `meta` under `step`.
-
-  A checkpoint already at `step` is replaced: after a resume the same step is
-  recomputed (bit-identically on CPU) and saved again.
-  """
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         metrics: Optional[dict] = None) -> None:
+  """Saves `state` and JSON `meta` under `step` (replacing one already there)."""
   if step in manager.all_steps():
     manager.delete(step)
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
   manager.wait_until_finished()
 
 
@@ -116,7 +150,7 @@ def restore(manager: ocp.CheckpointManager, target: Any,
   """Restores into the structure of `target`; None when there is no checkpoint.
 
   Arguments:
-    manager: e.g. `Checkpoints.latest` or `Checkpoints.best`.
+    manager: e.g. `Checkpoints.manager`.
     target: a pytree with the shapes and dtypes to restore (e.g. a fresh state).
     step: which checkpoint; the newest when None.
   Raises:
@@ -151,21 +185,29 @@ def _first_line(e: Exception, limit: int = 200) -> str:
   return (text[0] if text else "")[:limit]
 
 
-def restore_arrays(directory: str) -> Optional[Tuple[Tuple[Any, dict], int]]:
-  """The newest checkpoint in `directory` as stored (nested dicts of arrays).
+def restore_arrays(workdir: str, best: bool = True) -> Optional[Tuple[Tuple[Any, dict], int]]:
+  """A run's best (else newest) checkpoint as stored (nested dicts of arrays).
 
   For reading another run's weights without knowing its exact structure (e.g.
-  its class count, for transfer learning); nothing in `directory` is changed.
+  its class count, for transfer learning); nothing in `workdir` is changed.
   Returns ((state, meta), step), or None when there is no checkpoint.
   """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
   manager = ocp.CheckpointManager(
       os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+      item_handlers=_items())
   try:
     step = manager.latest_step()
     if step is None:
       return None
+    if best:
+      # The meta of the newest checkpoint says which step is best (and how it was chosen).
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      if meta.get("best_step") in manager.all_steps():
+        step = meta["best_step"]
     where = os.path.join(str(manager.directory), str(step))
     try:
       restored = manager.restore(step, args=ocp.args.Composite(

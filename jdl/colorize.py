@@ -6,17 +6,15 @@ The pieces, top to bottom:
   Colorizer           strided-conv encoder (B, H, W, 1) -> (B, H/8, W/8, C), then
                       `jdl.models.decoder.Decoder` back to (B, H, W, 3) in [-1, 1].
   train_step          one pure MSE update (BatchNorm statistics updated).
-  fit                 the loop: resume, per-epoch test error against the
-                      mean-colour baseline, a PNG of grey / predicted / true rows.
+  fit                 the task: per-epoch test error against the mean-colour
+                      baseline, a PNG of grey / predicted / true rows; the
+                      loop is `jdl.engine.run`.
 
 Errors are mean squared errors per pixel and channel on the [0, 1] colour scale.
 """
 import dataclasses
-import functools
 import math
 import os
-import sys
-import time
 from typing import Dict, Optional
 
 import flax.linen as nn
@@ -25,17 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdl import checkpoint, parallel, xla
-from jdl.config import make_writable_dir, option
+from jdl import engine, parallel
+from jdl.config import option
+from jdl.core import PRNG_IMPL, TrainState, apply_if_finite, model_variables
 from jdl.data import load_dataset, pipeline
 from jdl.errors import ConfigError
 from jdl.images import save_image_grid, to_unit_range
-from jdl.logs import MetricWriter, write_json
 from jdl.models.decoder import KERNEL_INIT, Decoder, upsampling_plan
-from jdl.plots import plot_panels
 from jdl.summary import summarize
-from jdl.reliability import StepChecker, StopSignals, keep_if, save_mid_epoch, step_status
-from jdl.train import PRNG_IMPL, TrainState
 
 # BT.601 luma weights of R, G, B.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -109,10 +104,6 @@ class Colorizer(nn.Module):
     return jnp.broadcast_to(grey, offset.shape) + offset  # (B, H, W, 3)
 
 
-def _variables(state: TrainState, params) -> dict:
-  return {"params": params, "batch_stats": state.batch_stats}
-
-
 def train_step(state: TrainState, colour) -> tuple:
   """One MSE update on colour images in [-1, 1]: (state, loss on the [0, 1] scale, status).
 
@@ -122,21 +113,19 @@ def train_step(state: TrainState, colour) -> tuple:
   grey = to_grey(colour)
 
   def loss_fn(params):
-    predicted, updates = state.apply_fn(_variables(state, params), grey, train=True,
+    predicted, updates = state.apply_fn(model_variables(state, params), grey, train=True,
                                         mutable=["batch_stats"])
     return jnp.mean((predicted - colour) ** 2), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  ok, status = step_status(loss, optax.global_norm(grads))
-  state = keep_if(ok, new_state, state).replace(step=new_state.step)
+  state, status, _ = apply_if_finite(state, grads, loss, batch_stats=batch_stats)
   return state, loss / 4.0, status  # [-1, 1] -> [0, 1] scale: errors halve, squares quarter
 
 
 @jax.jit
 def predict(state: TrainState, colour) -> jax.Array:
   """Colour predicted from the grey of `colour` (B, H, W, 3) in [-1, 1]; eval mode."""
-  return state.apply_fn(_variables(state, state.params), to_grey(colour), train=False)
+  return state.apply_fn(model_variables(state), to_grey(colour), train=False)
 
 
 def test_errors(state: TrainState, test_images, mean_colour, batch_size: int = 500) -> Dict[str, float]:
@@ -158,18 +147,17 @@ def save_comparison(state: TrainState, images, path: str) -> str:
   colour = to_unit_range(images)
   grey = jnp.broadcast_to(to_grey(colour), colour.shape)
   return save_image_grid(np.concatenate([grey, predict(state, colour), colour]), path,
-                         nrow=len(images))
+                         nrow=len(images), scale=max(1, -(-84 // max(images.shape[1:3]))),
+                         row_labels=["grey input", "predicted", "true colour"])
 
 
 def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = True,
         log=print) -> dict:
-  """Trains the colorizer as `config` says, resuming from its workdir.
+  """Trains the colorizer as `config` says, resuming from its workdir; returns the results.
 
   With more than one device (`devices`, default all) each step is data
   parallel, as in jdl.train.fit.
   """
-  from tqdm import tqdm
-  start_time = time.time()
   validate_config(config)
   mesh = parallel.data_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
@@ -183,104 +171,60 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
   images = dataset.train[0]
   if config.batch_size > len(images):
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(images)} images)")
-  workdir = config.workdir or f"runs/colorize-{config.dataset.replace('/', '_')}-seed{config.seed}"
-  make_writable_dir(workdir)
-  write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
+  workdir = config.workdir or engine.default_workdir("colorize", config.dataset, seed=config.seed)
+  record = {"task": "colorize", **dataclasses.asdict(config), "input_shape": list(shape)}
+  with engine.workdir(workdir, record) as record:
+    model = Colorizer(shape, config.width)
+    log(f"Colorizer on {dataset.name} {shape}\n{summarize(model, shape[:2] + (1,))}")
+    init_key, data_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
+    variables = jax.jit(model.init)(init_key, jnp.zeros((1, *shape[:2], 1)))
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              tx=optax.adam(config.learning_rate), batch_stats=variables["batch_stats"])
+    state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
+    parallel.announce(mesh, config.batch_size, log)
+    batch_sharding = parallel.shardings(mesh)[1]
+    # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
+    mean_colour = to_unit_range(images.reshape(-1, 3).mean(0))
+    data = parallel.replicate(images, mesh)
+    shown = dataset.test[0][:8]
+    order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
 
-  model = Colorizer(shape, config.width)
-  log(f"Colorizer on {dataset.name} {shape}\n{summarize(model, shape[:2] + (1,))}")
-  init_key, data_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
-  variables = jax.jit(model.init)(init_key, jnp.zeros((1, *shape[:2], 1)))
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            tx=optax.adam(config.learning_rate), batch_stats=variables["batch_stats"])
-  state = parallel.replicate(state, mesh)  # before restoring, which keeps these shardings
-  parallel.announce(mesh, config.batch_size, log)
-  batch_sharding = parallel.shardings(mesh)[1]
-  # The baseline: one colour, the training images' mean, for every pixel (B, H, W, 3).
-  mean_colour = to_unit_range(images.reshape(-1, 3).mean(0))
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  # step_in_epoch/partial_sums: where a SIGTERM stopped inside an epoch.
-  meta = {"epoch": 0, "step_in_epoch": 0, "partial_sums": None, "train_time_s": 0.0}
-  restored = ckpts.restore_latest(state)
-  if restored is not None:
-    state, saved = restored
-    meta.update(saved)
-    log(f"Resuming from {workdir}: epoch {meta['epoch']} done, step {int(state.step)}")
-  writer = MetricWriter(workdir, meta["epoch"])
-  data = parallel.replicate(images, mesh)
-  steps_per_epoch = len(images) // config.batch_size
-  shown = dataset.test[0][:8]
+    def step(state, inputs, index):
+      data, order = inputs
+      idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)
+      batch = parallel.shard_batch(data[idx], batch_sharding)
+      state, loss, status = train_step(state, to_unit_range(batch))
+      return state, {"mse": loss, "status": status}
 
-  @functools.partial(xla.jit, donate_argnums=(0, 1))
-  def train_fn(state, sums, data, order, index):
-    """sums: {'loss': summed over good steps, 'skipped': count of bad ones}."""
-    idx = jax.lax.dynamic_slice_in_dim(order, index * config.batch_size, config.batch_size)
-    batch = parallel.shard_batch(data[idx], batch_sharding)
-    state, loss, status = train_step(state, to_unit_range(batch))
-    bad = (status > 0).astype(jnp.float32)
-    return state, {"loss": sums["loss"] + jnp.where(status > 0, 0.0, loss),
-                   "skipped": sums["skipped"] + bad}, status
+    def evaluate(state, train):
+      return {"train_mse": float(train["mse"]), **test_errors(state, dataset.test[0], mean_colour)}
 
-  order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
-  with StopSignals() as stop:
-    for epoch in range(meta["epoch"] + 1, config.epochs + 1):
-      epoch_start = time.time()
-      first_index = meta["step_in_epoch"]
-      order = order_fn(data_key, epoch, len(images))
-      sums = {k: jnp.asarray((meta["partial_sums"] or {}).get(k, 0.0), jnp.float32)
-              for k in ("loss", "skipped")}
-      with tqdm(total=steps_per_epoch, initial=first_index, desc=f"epoch {epoch}/{config.epochs}",
-                unit="step", disable=not progress, leave=False, file=sys.stderr,
-                mininterval=0.5) as bar:
-        checker = StepChecker(config.nan_policy, epoch, workdir, on_done=lambda: bar.update(1),
-                              hint="Lower --learning_rate, or pass --nan_policy=skip to skip such steps")
-        for index in range(first_index, steps_per_epoch):
-          state, sums, status = train_fn(state, sums, data, order, index)
-          checker.push(int(state.step), status)
-          if stop.signum and index + 1 < steps_per_epoch:
-            checker.flush()  # a bad step stops here, before its state could be saved
-            save_mid_epoch(ckpts, state, meta, index + 1, sums, time.time() - epoch_start)
-            raise stop.interrupted(f"at step {int(state.step)} (epoch {epoch})", workdir)
-        checker.flush()
-      sums = jax.device_get(sums)
-      train_mse = float(sums["loss"]) / max(steps_per_epoch - float(sums["skipped"]), 1)
-      meta["train_time_s"] += time.time() - epoch_start
-      row = {"train_mse": train_mse, **test_errors(state, dataset.test[0], mean_colour)}
-      if config.nan_policy == "skip":
-        row["train_skipped_steps"] = float(sums["skipped"])
-      png = save_comparison(state, shown, os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"))
-      writer.write(int(state.step), epoch, row)
-      writer.add_image("grey_predicted_true", png, int(state.step))
-      meta.update(epoch=epoch, step_in_epoch=0, partial_sums=None)
-      ckpts.save_latest(int(state.step), state, meta)
-      log(f"epoch {epoch}/{config.epochs}  train MSE {train_mse:.4f}  test MSE {row['test_mse']:.4f}  "
-          f"(mean colour {row['mean_colour_mse']:.4f}, grey copy {row['grey_copy_mse']:.4f})  "
-          f"{time.time() - epoch_start:.0f}s")
-      if stop.signum and epoch < config.epochs:
-        raise stop.interrupted(f"after epoch {epoch}", workdir)
-  writer.close()
-  ckpts.close()
-  final = test_errors(state, dataset.test[0], mean_colour)
-  png = save_comparison(state, shown, os.path.join(workdir, "comparison.png"))
-  curves = None
-  if writer.history:
-    curves = plot_panels(writer.history, os.path.join(workdir, "learning_curves.png"),
-                         {"MSE on [0, 1]": ["train_mse", "test_mse", "mean_colour_mse", "grey_copy_mse"]},
-                         title=f"colorization on {dataset.name}")
-  results = {
-      "config": dataclasses.asdict(config),
-      "dataset": {"name": dataset.name, "num_train": len(images), "num_test": len(dataset.test[0])},
-      **final,
-      "beats_mean_colour": bool(final["test_mse"] < final["mean_colour_mse"]),
-      "error_ratio_to_mean_colour": final["test_mse"] / final["mean_colour_mse"],
-      "epochs_run": meta["epoch"],
-      "train_time_s": meta["train_time_s"],
-      "wall_time_s": time.time() - start_time,
-      "comparison": png,
-      "learning_curves": curves,
-  }
-  write_json(os.path.join(workdir, "results.json"), results)
-  log(f"test MSE {final['test_mse']:.4f} vs mean colour {final['mean_colour_mse']:.4f} "
-      f"({results['error_ratio_to_mean_colour']:.2f}x) and grey copy {final['grey_copy_mse']:.4f}; "
-      f"grey / predicted / true rows in {png}")
+    def describe(epoch, step, row):
+      return (f"epoch {epoch}/{config.epochs}  train MSE {row['train_mse']:.4f}  test MSE "
+              f"{row['test_mse']:.4f}  (mean colour {row['mean_colour_mse']:.4f}, grey copy "
+              f"{row['grey_copy_mse']:.4f})  {row['epoch_time_s']:.0f}s")
+
+    def finish(state, best, info):
+      final = test_errors(state, dataset.test[0], mean_colour)
+      png = save_comparison(state, shown, os.path.join(workdir, "comparison.png"))
+      log(f"test MSE {final['test_mse']:.4f} vs mean colour {final['mean_colour_mse']:.4f} "
+          f"({final['test_mse'] / final['mean_colour_mse']:.2f}x) and grey copy "
+          f"{final['grey_copy_mse']:.4f}; grey / predicted / true rows in {png}")
+      return {"dataset": {"name": dataset.name, "num_train": len(images),
+                          "num_test": len(dataset.test[0])},
+              **final, "beats_mean_colour": bool(final["test_mse"] < final["mean_colour_mse"]),
+              "error_ratio_to_mean_colour": final["test_mse"] / final["mean_colour_mse"],
+              "comparison": png}
+
+    task = engine.Task(
+        state=state, step=step, inputs=lambda epoch: (data, order_fn(data_key, epoch, len(images))),
+        steps_per_epoch=len(images) // config.batch_size, epochs=config.epochs, evaluate=evaluate,
+        describe=describe, finish=finish,
+        pictures=lambda state, epoch: {"grey_predicted_true": save_comparison(
+            state, shown, os.path.join(workdir, "samples", f"epoch_{epoch:03d}.png"))},
+        panels={"MSE on [0, 1]": ["train_mse", "test_mse", "mean_colour_mse", "grey_copy_mse"]},
+        title=f"colorization on {dataset.name}", examples_per_step=config.batch_size,
+        bar_metric=("mse", "mse", 1.0), nan_policy=config.nan_policy,
+        keep_checkpoints=config.keep_checkpoints, mesh=mesh)
+    _, results = engine.run(task, workdir, record, progress=progress, log=log)
   return results

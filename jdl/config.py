@@ -127,14 +127,14 @@ def load_run_config(workdir: str, flag: str) -> Tuple[TrainConfig, dict]:
     saved = None
   if not isinstance(saved, dict) or "model" not in saved:
     raise ConfigError(f"--{flag} {workdir} holds no experiments.cifar run (no readable config.json)")
+  if saved.get("task") != "classifier":
+    what = f"a {saved['task']} run" if "task" in saved else "a run of an older jdl"
+    raise ConfigError(f"--{flag} {workdir} holds {what}, not a classifier run of experiments.cifar "
+                      "or experiments.sequence")
   known = {f.name for f in dataclasses.fields(TrainConfig)}
   config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in saved.items() if k in known})
   return config, saved
-
-
-def default_workdir(config: TrainConfig) -> str:
-  return f"runs/{config.dataset.replace('/', '_')}-{config.model}-seed{config.seed}"
 
 
 def validate(config: TrainConfig) -> None:

@@ -25,18 +25,24 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> str:
+def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2, *, scale: int = 1,
+                    row_labels=None, title: str = "") -> str:
   """Writes images as one PNG grid, `nrow` images per row, black borders.
 
-  The PNG is nrow*(W + padding) + padding pixels wide and
-  rows*(H + padding) + padding high, rows = ceil(N / nrow) (nrow = min(nrow, N)),
-  like torchvision's make_grid.
+  Without labels the PNG is nrow*(W*scale + padding) + padding pixels wide and
+  rows*(H*scale + padding) + padding high, rows = ceil(N / nrow)
+  (nrow = min(nrow, N)), like torchvision's make_grid; `row_labels` add a
+  white margin on the left with one label per row, `title` one on top.
 
   Arguments:
     images: (N, H, W, C), C = 1 or 3; float in [-1, 1] or uint8.
     path: the PNG to write; parent folders are created.
     nrow: images per row.
     padding: border pixels between and around images.
+    scale: each image enlarged this many times (nearest neighbour), so that a
+      32x32 sample is big enough to judge.
+    row_labels: one text per row (e.g. the class of a conditional GAN's row).
+    title: a line of text above the grid.
   Returns:
     `path` (written by process 0 only).
   """
@@ -47,6 +53,8 @@ def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> str:
     raise ConfigError(f'image grid needs (N, H, W, 1 or 3) images, got shape {images.shape}')
   if images.dtype != np.uint8:
     images = to_uint8(images)
+  if scale > 1:
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   n, height, width, channels = images.shape
   cols = max(1, min(nrow, n))
   rows = -(-n // cols)
@@ -56,7 +64,30 @@ def save_image_grid(images, path: str, nrow: int = 8, padding: int = 2) -> str:
     top = padding + (i // cols) * (height + padding)
     left = padding + (i % cols) * (width + padding)
     grid[top:top + height, left:left + width] = image
+  png = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+  if row_labels is not None or title:
+    png = _with_labels(png.convert("RGB"), [str(t) for t in (row_labels or [])], title,
+                       rows, height + padding, padding)
   if parallel.is_primary():  # one writer in a multi-host run's shared workdir
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+    png.save(path)
   return path
+
+
+def _with_labels(grid, row_labels, title, rows, row_height, padding):
+  """`grid` (a PIL image) on a white canvas with row labels on the left and a title on top."""
+  from PIL import Image, ImageDraw, ImageFont
+  font = ImageFont.load_default(size=14)
+  measure = ImageDraw.Draw(grid)
+  label_width = max([measure.textlength(t, font=font) for t in row_labels] + [0])
+  left = int(label_width) + 12 if row_labels else 0
+  top = 24 if title else 0
+  canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+  canvas.paste(grid, (left, top))
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((left + padding, 4), title, fill="black", font=font)
+  for r, text in enumerate(row_labels[:rows]):
+    middle = top + padding + r * row_height + (row_height - padding) // 2
+    draw.text((left - 6, middle), text, fill="black", font=font, anchor="rm")
+  return canvas

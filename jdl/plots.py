@@ -1,6 +1,6 @@
-"""Plots people would rather look at than read: learning curves."""
+"""Plots people would rather look at than read: learning curves, one panel per group of metrics."""
 import os
-from typing import List, Sequence
+from typing import List
 
 from jdl.parallel import is_primary
 
@@ -15,36 +15,6 @@ def _pyplot():
   matplotlib.use("Agg")  # Files only; no display needed.
   import matplotlib.pyplot as plt
   return plt
-
-
-def plot_learning_curves(history: List[dict], path: str, title: str = "",
-                         metrics: Sequence[str] = ("loss", "accuracy"), x: str = "epoch") -> str:
-  """One panel per metric, train vs validation, saved as a PNG.
-
-  Arguments:
-    history: rows of metrics.jsonl (keys epoch, train_loss, val_loss, ...).
-    path: the PNG file to write.
-    title: a figure title (e.g. dataset and model).
-    metrics: the panels; row keys are f"train_{metric}" and f"val_{metric}".
-    x: the row key on the horizontal axis ('epoch' or 'step').
-  Returns:
-    `path` (written by process 0 only in a multi-host run).
-  """
-  if not is_primary():
-    return path
-  epochs = [r[x] for r in history]
-  fig, axes = _pyplot().subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-  for ax, metric in zip(axes[0], metrics):
-    for split, style in (("train", "-o"), ("val", "-s")):
-      key = f"{split}_{metric}"
-      points = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), float)]
-      if points:
-        ax.plot(*zip(*points), style, markersize=3, label=split)
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  return _save(fig, path, title)
 
 
 def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
@@ -77,6 +47,9 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
 
 def _save(fig, path: str, title: str = "") -> str:
   """Titles, lays out and writes `fig` as a PNG (creating its directory); returns `path`."""
+  from matplotlib.ticker import MaxNLocator
+  for ax in fig.axes:  # epochs and steps are whole numbers, even on a 2-epoch run
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   if title:
     fig.suptitle(title)
   fig.tight_layout()

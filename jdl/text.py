@@ -7,12 +7,12 @@ The pieces, top to bottom:
                       default), its vocabulary and a contiguous train/val split.
   bigram_bits_per_char  the baseline: P(c_t | c_{t-1}) counted on train,
                       add-one (Laplace) smoothed, scored on validation.
-  make_train_step     the one jitted step: draws B random windows of the train
+  make_step           the task's step: draws B random windows of the train
                       text on the device and updates; no host data pipeline.
   evaluate_bpc        validation bits per character, every character scored once.
   sample              generation with the softmax temperature, one jitted loop.
-  fit                 the loop: resume, eval/checkpoint every --eval_every steps,
-                      best by validation bpc, SIGTERM/SIGINT checkpoint, samples.
+  fit                 the task: eval/checkpoint every --eval_every steps, best
+                      by validation bpc, samples; the loop is `jdl.engine.run`.
 
 Bits per character = mean cross-entropy in nats / ln 2.
 """
@@ -21,8 +21,6 @@ import functools
 import json
 import math
 import os
-import sys
-import time
 from typing import Optional, Tuple
 
 import jax
@@ -31,16 +29,18 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, optim, parallel, xla
-from jdl.config import make_writable_dir, option
+from jdl import checkpoint, engine, optim, parallel, xla
+from jdl.config import option
+from jdl.core import PRNG_IMPL, apply_if_finite
 from jdl.errors import CheckpointError, ConfigError, DataError
-from jdl.logs import MetricWriter, write_json
+from jdl.logs import write_json
 from jdl.models import rnn
 from jdl.models.rnn import LanguageModel
-from jdl.plots import plot_learning_curves
 from jdl.summary import summarize
-from jdl.reliability import StepChecker, StopSignals, keep_if, step_status
-from jdl.train import PRNG_IMPL
+
+# "Clearly beats the bigram baseline": by at least this many bits per character
+# (about 8% of a bigram model's typical 3 bits/char).
+CLEAR_MARGIN_BPC = 0.25
 
 # The offline default corpus, shipped with the package (see its NOTICE).
 DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "data", "text", "python_reference.txt")
@@ -112,9 +112,8 @@ def validate(config: TextConfig) -> None:
         "--sample_only needs the --workdir of a trained run")
 
 
-def default_workdir(config: TextConfig) -> str:
-  name = config.dataset or os.path.splitext(os.path.basename(config.text_file or DEFAULT_TEXT))[0]
-  return f"runs/text-{name.replace('/', '_')}-seed{config.seed}"
+def _text_name(config: TextConfig) -> str:
+  return config.dataset or os.path.splitext(os.path.basename(config.text_file or DEFAULT_TEXT))[0]
 
 
 # ----------------------------------------------------------------------------
@@ -239,19 +238,20 @@ def create_state(model: LanguageModel, config: TextConfig, key) -> train_state.T
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-def make_train_step(batch_size: int, seq_len: int, batch_sharding=None):
-  """Returns the jitted step (state, tokens, step_key) -> (state, loss, status).
+def make_step(batch_size: int, seq_len: int, batch_sharding=None):
+  """The task's step for `jdl.engine`: (state, (tokens, step_key), index) -> (state, metrics).
 
   tokens: (N,) int32, the whole training text on the device. Step s draws
   `batch_size` window starts from fold_in(step_key, s), so a resumed run sees
   the same windows. A step with a non-finite loss or gradient is not applied
-  (only the step counter moves); `status` (int32: 0 good, 1 non-finite loss,
-  2 non-finite gradients, as jdl.reliability.step_status) tells the loop.
-  With `batch_sharding` (data parallel, see jdl.parallel) the windows are
-  split over the devices along the batch axis.
+  (only the step counter moves); metrics['status'] (int32: 0 good, 1
+  non-finite loss, 2 non-finite gradients, as `core.step_status`) tells the
+  loop. With `batch_sharding` (data parallel, see jdl.parallel) the windows
+  are split over the devices along the batch axis. Unjitted: the engine jits it.
   """
-  @functools.partial(xla.jit, donate_argnums=0)
-  def step(state, tokens, step_key):
+  def step(state, inputs, index):
+    del index  # windows are drawn at random positions, from the step number
+    tokens, step_key = inputs
     window_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     starts = jax.random.randint(window_key, (batch_size, 1), 0, tokens.shape[0] - seq_len)
     windows = tokens[starts + jnp.arange(seq_len + 1)[None, :]]  # (B, L + 1)
@@ -264,10 +264,8 @@ def make_train_step(batch_size: int, seq_len: int, batch_sharding=None):
       return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    ok, status = step_status(loss, optax.global_norm(grads))
-    new = state.apply_gradients(grads=grads)
-    # Skip a bad update but still count the step, so step numbers stay aligned.
-    return keep_if(ok, new, state).replace(step=new.step), loss, status
+    state, status, _ = apply_if_finite(state, grads, loss)
+    return state, {"loss": loss, "status": status}
   return step
 
 
@@ -395,32 +393,14 @@ def samples_report(model, params, vocab, config: TextConfig) -> Tuple[str, list]
 # The loop.
 # ----------------------------------------------------------------------------
 
-def _prepare_workdir(config: TextConfig) -> str:
-  workdir = config.workdir or default_workdir(config)
-  make_writable_dir(workdir)
-  return workdir
-
-
-def _check_same_run(workdir: str, config: TextConfig, vocab: Vocabulary) -> None:
-  """Refuses a workdir holding a run on another text or with another vocabulary."""
-  path = os.path.join(workdir, "vocab.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    stored = json.load(f)
-  if stored.get("chars") != vocab.chars:
-    raise ConfigError(f"workdir {workdir} holds a run on another text (vocabulary of "
-                      f"{len(stored.get('chars', ''))} characters, this text has {len(vocab)}); "
-                      "use another --workdir")
-
-
 def _restore_for_sampling(config: TextConfig):
   """(model, params, vocab) from a trained workdir's best (else latest) checkpoint."""
   workdir = config.workdir
   try:
     with open(os.path.join(workdir, "config.json")) as f:
+      known = {f.name for f in dataclasses.fields(TextConfig)}
       trained = TextConfig(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in json.load(f).items()})
+                              for k, v in json.load(f).items() if k in known})
     with open(os.path.join(workdir, "vocab.json")) as f:
       vocab = Vocabulary(json.load(f)["chars"])
   except (OSError, ValueError, TypeError, KeyError):
@@ -431,7 +411,7 @@ def _restore_for_sampling(config: TextConfig):
   trained = dataclasses.replace(trained, rnn_implementation=config.rnn_implementation)
   model = build_model(trained, len(vocab))
   state = create_state(model, trained, jax.random.key(0))
-  ckpts = checkpoint.Checkpoints(workdir)
+  ckpts = checkpoint.Checkpoints(workdir, best_mode="min")
   try:
     restored = ckpts.restore_best(state) or ckpts.restore_latest(state)
   finally:
@@ -454,133 +434,76 @@ def sample_only(config: TextConfig, log=print) -> str:
 def fit(config: TextConfig, *, devices=None, progress: bool = True, log=print) -> dict:
   """Trains the character LSTM as `config` says, resuming from its workdir.
 
-  Returns the dict also written to WORKDIR/results.json: validation bits per
-  character of the best checkpoint, the bigram baseline's, the margin, and the
-  samples at each temperature. With more than one device (`devices`, default
-  all) each step is data parallel, as in jdl.train.fit.
+  Every `eval_every` steps (an evaluation period: the loop's epoch) it scores
+  validation bits per character and checkpoints; the best by validation bpc
+  is kept. Returns the dict also written to WORKDIR/results.json: validation
+  bits per character of the best checkpoint, the bigram baseline's, the
+  margin, and the samples at each temperature. With more than one device
+  (`devices`, default all) each step is data parallel, as in jdl.train.fit.
   """
-  from tqdm import tqdm
-  start_time = time.time()
   validate(config)
   mesh = parallel.data_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
   corpus = load_corpus(config)
-  workdir = _prepare_workdir(config)
-  _check_same_run(workdir, config, corpus.vocab)
-  write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
-  write_json(os.path.join(workdir, "vocab.json"), {"chars": corpus.vocab.chars})
+  workdir = config.workdir or engine.default_workdir("text", _text_name(config), seed=config.seed)
+  record = {"task": "text", **dataclasses.asdict(config), "vocabulary": corpus.vocab.chars,
+            "train_chars": len(corpus.train), "val_chars": len(corpus.val)}
+  sampling = ("sample_only", "sample_length", "temperatures", "prompt")  # read after training
+  with engine.workdir(workdir, record, may_change=sampling, extendable="steps") as record:
+    write_json(os.path.join(workdir, "vocab.json"), {"chars": corpus.vocab.chars})
+    bigram_bpc = bigram_bits_per_char(corpus.train, corpus.val, len(corpus.vocab))
+    log(f"Text {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} validation "
+        f"characters, vocabulary {len(corpus.vocab)}; bigram baseline {bigram_bpc:.3f} bits/char")
+    model = build_model(config, len(corpus.vocab))
+    log(str(summarize(model, (config.seq_len,), input_dtype=jnp.int32)))
 
-  bigram_bpc = bigram_bits_per_char(corpus.train, corpus.val, len(corpus.vocab))
-  log(f"Text {corpus.name}: {len(corpus.train):,} training and {len(corpus.val):,} validation "
-      f"characters, vocabulary {len(corpus.vocab)}; bigram baseline {bigram_bpc:.3f} bits/char")
-  model = build_model(config, len(corpus.vocab))
-  log(str(summarize(model, (config.seq_len,), input_dtype=jnp.int32)))
+    init_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
+    state = parallel.replicate(create_state(model, config, init_key), mesh)  # before restoring
+    parallel.announce(mesh, config.batch_size, log)
+    tokens = parallel.replicate(corpus.train, mesh)
+    windows = validation_windows(corpus.val, config.seq_len)
+    # Under the mesh, the LSTM layers split their loops over the devices themselves.
+    eval_fn = parallel.within(mesh, make_eval_fn(model))
 
-  init_key, step_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
-  state = parallel.replicate(create_state(model, config, init_key), mesh)  # before restoring
-  parallel.announce(mesh, config.batch_size, log)
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  # partial_loss_sum/count: the training loss summed since the last evaluation,
-  # saved when a SIGTERM stops between evaluations, so the resumed segment's
-  # train_bpc still averages every one of its steps.
-  meta = {"step": 0, "evals": 0, "best_val_bpc": None, "best_step": 0, "train_time_s": 0.0,
-          "partial_loss_sum": 0.0, "partial_loss_count": 0, "partial_skipped": 0}
-  restored = ckpts.restore_latest(state)
-  if restored is not None:
-    state, saved = restored
-    meta.update(saved)
-    log(f"Resuming from {workdir} at step {meta['step']}")
-  writer = MetricWriter(workdir, meta["evals"])
+    def evaluate(state, train):
+      train_bpc = float(train["loss"]) / math.log(2)
+      val_bpc = evaluate_bpc(eval_fn, state.params, windows)
+      return {"train_loss": float(train["loss"]), "train_bpc": train_bpc,
+              "val_loss": val_bpc * math.log(2), "val_bpc": val_bpc, "bigram_val_bpc": bigram_bpc}
 
-  tokens = parallel.replicate(corpus.train, mesh)
-  windows = validation_windows(corpus.val, config.seq_len)
-  # Under the mesh, the LSTM layers split their loops over the devices themselves.
-  train_step = parallel.within(mesh, make_train_step(config.batch_size, config.seq_len,
-                                                     parallel.shardings(mesh)[1]))
-  eval_fn = parallel.within(mesh, make_eval_fn(model))
-  with StopSignals() as stop, tqdm(total=config.steps, initial=meta["step"], unit="step",
-                                   desc="training", disable=not progress, leave=False,
-                                   file=sys.stderr, mininterval=0.5) as bar:
-    segment_start = time.time()
-    # Sums over the segment since the last evaluation; loss_sum and skipped stay on the device.
-    loss_sum, loss_count = meta["partial_loss_sum"], meta["partial_loss_count"]
-    skipped = meta["partial_skipped"]
-    checker = StepChecker(config.nan_policy, None, workdir, on_done=lambda: bar.update(1))
-    while meta["step"] < config.steps:
-      state, loss, status = train_step(state, tokens, step_key)
-      meta["step"] += 1
-      checker.push(meta["step"], status)
-      bad = status > 0
-      loss_sum, loss_count = loss_sum + jnp.where(bad, 0.0, loss), loss_count + 1
-      skipped = skipped + bad.astype(jnp.int32)
-      done = meta["step"] == config.steps
-      if meta["step"] % config.log_every == 0 or done or stop.signum:
-        checker.flush()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-      if stop.signum and not done and meta["step"] % config.eval_every:
-        meta["train_time_s"] += time.time() - segment_start
-        meta.update(partial_loss_sum=float(loss_sum), partial_loss_count=loss_count,
-                    partial_skipped=int(skipped))
-        ckpts.save_latest(meta["step"], state, meta)
-        raise stop.interrupted(f"at step {meta['step']}", workdir)
-      if meta["step"] % config.eval_every == 0 or done:
-        checker.flush()
-        meta["train_time_s"] += time.time() - segment_start
-        train_bpc = float(loss_sum) / max(loss_count - int(skipped), 1) / math.log(2)
-        val_bpc = evaluate_bpc(eval_fn, state.params, windows)
-        meta["evals"] += 1
-        meta.update(partial_loss_sum=0.0, partial_loss_count=0, partial_skipped=0)
-        row = {"train_loss": train_bpc * math.log(2), "train_bpc": train_bpc,
-               "val_loss": val_bpc * math.log(2), "val_bpc": val_bpc,
-               "bigram_val_bpc": bigram_bpc}
-        if config.nan_policy == "skip":
-          row["train_skipped_steps"] = int(skipped)
-        writer.write(meta["step"], meta["evals"], row)
-        if math.isfinite(val_bpc) and (meta["best_val_bpc"] is None or val_bpc < meta["best_val_bpc"]):
-          meta.update(best_val_bpc=val_bpc, best_step=meta["step"])
-          ckpts.save_best(meta["step"], state, meta)  # Best before latest, as in jdl.train.
-        ckpts.save_latest(meta["step"], state, meta)
-        log(f"step {meta['step']}/{config.steps}  train {train_bpc:.3f}  val {val_bpc:.3f} bits/char"
-            f"  (bigram {bigram_bpc:.3f})")
-        if stop.signum and not done:
-          raise stop.interrupted(f"at step {meta['step']}", workdir)
-        segment_start, loss_sum, loss_count, skipped = time.time(), 0.0, 0, 0
+    def describe(epoch, step, row):
+      return (f"step {step}/{config.steps}  train {row['train_bpc']:.3f}  val {row['val_bpc']:.3f} "
+              f"bits/char  (bigram {bigram_bpc:.3f})")
 
-  best = ckpts.restore_best(state)
-  params = (best[0] if best is not None else state).params
-  val_bpc = meta["best_val_bpc"] if best is not None else evaluate_bpc(eval_fn, params, windows)
-  writer.close()
-  ckpts.close()
-  report, sample_rows = samples_report(model, params, corpus.vocab, config)
-  if parallel.is_primary():
-    with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
-      f.write(report)
-  log(report)
-  curves = None
-  if writer.history:
-    curves = plot_learning_curves(writer.history, os.path.join(workdir, "learning_curves.png"),
-                                  title=f"{config.num_layers}-layer LSTM on {corpus.name}",
-                                  metrics=("bpc",), x="step")
-  margin = bigram_bpc - val_bpc
-  results = {
-      "config": dataclasses.asdict(config),
-      "text": {"name": corpus.name, "train_chars": len(corpus.train),
-               "val_chars": len(corpus.val), "vocab_size": len(corpus.vocab)},
-      "val_bpc": val_bpc,
-      "bigram_val_bpc": bigram_bpc,
-      "margin_bpc": margin,
-      # "A clear margin": at least 0.25 bits/char (about 16% of a bigram model's
-      # typical 3 bits/char) below the baseline.
-      "beats_bigram": bool(margin >= 0.25),
-      "best_step": meta["best_step"],
-      "steps_run": meta["step"],
-      "train_time_s": meta["train_time_s"],
-      "wall_time_s": time.time() - start_time,
-      "samples": sample_rows,
-      "learning_curves": curves,
-  }
-  write_json(os.path.join(workdir, "results.json"), results)
-  log(f"validation {val_bpc:.3f} bits/char vs bigram {bigram_bpc:.3f} "
-      f"({'beats' if results['beats_bigram'] else 'does NOT clearly beat'} it by {margin:.3f}); "
-      f"results in {workdir}/results.json")
+    def finish(state, best, info):
+      params = best.params
+      val_bpc = (info["best_value"] if info["best_value"] is not None
+                 else evaluate_bpc(eval_fn, params, windows))
+      report, sample_rows = samples_report(model, params, corpus.vocab, config)
+      if parallel.is_primary():
+        with open(os.path.join(workdir, "samples.txt"), "w", encoding="utf-8") as f:
+          f.write(report)
+      log(report)
+      margin = bigram_bpc - val_bpc
+      beats = bool(margin >= CLEAR_MARGIN_BPC)
+      log(f"validation {val_bpc:.3f} bits/char vs bigram {bigram_bpc:.3f}: "
+          f"{'beats' if beats else 'does NOT clearly beat'} it by {margin:.3f} "
+          f"(clearly: by >= {CLEAR_MARGIN_BPC} bits/char); results in {workdir}/results.json")
+      return {"text": {"name": corpus.name, "train_chars": len(corpus.train),
+                       "val_chars": len(corpus.val), "vocab_size": len(corpus.vocab)},
+              "val_bpc": val_bpc, "bigram_val_bpc": bigram_bpc, "margin_bpc": margin,
+              "clear_margin_bpc": CLEAR_MARGIN_BPC, "beats_bigram": beats,
+              "best_step": info["best_step"], "samples": sample_rows}
+
+    task = engine.Task(
+        state=state, step=make_step(config.batch_size, config.seq_len, parallel.shardings(mesh)[1]),
+        inputs=lambda epoch: (tokens, step_key), steps_per_epoch=config.eval_every,
+        epochs=math.ceil(config.steps / config.eval_every), total_steps=config.steps,
+        evaluate=evaluate, describe=describe, finish=finish, best=("val_bpc", "min"),
+        panels={"bits per character": ["train_bpc", "val_bpc", "bigram_val_bpc"]}, x="step",
+        title=f"{config.num_layers}-layer LSTM on {os.path.basename(corpus.name)}",
+        period="evaluation period", bar_metric=("loss", "bits/char", 1 / math.log(2)),
+        nan_policy=config.nan_policy, keep_checkpoints=config.keep_checkpoints,
+        log_every=config.log_every, mesh=mesh)
+    _, results = engine.run(task, workdir, record, progress=progress, log=log)
   return results

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import jax  # noqa: E402
 
-from jdl import cli, colorize, gan, parallel, text, train  # noqa: E402
+from jdl import cli, colorize, gan, parallel, seeds as seeds_lib, text, train  # noqa: E402
 from jdl.config import TrainConfig  # noqa: E402
 from jdl.data import load_dataset  # noqa: E402
 from jdl.errors import ConfigError  # noqa: E402
@@ -155,7 +155,7 @@ def main(workdir):
     run_dir = os.path.join(workdir, "seeds", label)
     config = TrainConfig(dataset="shapes", model="cnn", epochs=2, batch_size=16, num_seeds=4,
                          validation_fraction=0.2, log_every=1000, workdir=run_dir)
-    states, results = train.fit(config, shapes, devices=devices, progress=False, log=lines.append)
+    states, results = seeds_lib.fit(config, shapes, devices=devices, progress=False, log=lines.append)
     seeds[label] = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     seeds[f"{label}_test"] = [results["test_loss"]["per_seed"], results["test_accuracy"]["per_seed"]]
     seeds[f"{label}_devices_of_params"] = len(jax.tree.leaves(states.params)[0].sharding.device_set)

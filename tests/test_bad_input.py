@@ -4,6 +4,7 @@ The entrypoint runs in-process (flags parsed by absl exactly as on the command
 line) so that 30 cases cost seconds; a JAX monitoring listener proves that no
 XLA compilation happened before the error.
 """
+import dataclasses
 import json
 import os
 
@@ -13,6 +14,7 @@ from absl import flags
 
 from experiments import cifar
 from jdl import cli
+from jdl.config import TrainConfig
 
 FLAGS = flags.FLAGS
 cli.define_common_flags()
@@ -62,7 +64,8 @@ CASES = [
     (["extra_word"], "unexpected arguments extra_word"),
     # Workdirs.
     (["WORKDIR=blocked/run"], "is not writable"),
-    (["WORKDIR=other"], "holds a run of model 'mlp' on 'shapes', not 'cnn' on 'shapes'"),
+    (["WORKDIR=other"], "holds a classifier run with model='mlp', not 'cnn'"),
+    (["WORKDIR=gan"], "holds a gan run, not a classifier run"),
 ]
 
 
@@ -94,8 +97,12 @@ def test_the_compile_listener_sees_compiles(compiles):
 @pytest.mark.parametrize("args,message", CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_input_is_one_line_exit_2_before_compiling(tmp_path, capsys, compiles, args, message):
   (tmp_path / "blocked").write_text("a file where the workdir's parent should be")
-  (tmp_path / "other").mkdir()
-  (tmp_path / "other" / "config.json").write_text(json.dumps({"model": "mlp", "dataset": "shapes"}))
+  # Workdirs that hold a checkpoint of another run (the check comes before any restore).
+  other = {"task": "classifier", **dataclasses.asdict(TrainConfig(
+      dataset="shapes", num_train=200, num_test=50, model="mlp", epochs=2))}
+  for name, record in (("other", other), ("gan", {**other, "task": "gan"})):
+    (tmp_path / name / "checkpoints" / "1").mkdir(parents=True)
+    (tmp_path / name / "config.json").write_text(json.dumps(record))
   workdir = str(tmp_path / "run")
   if args[0].startswith("WORKDIR="):
     workdir, args = str(tmp_path / args[0][len("WORKDIR="):]), args[1:]

@@ -20,7 +20,7 @@ from jdl.errors import ConfigError
 from jdl.models.decoder import (Decoder, Discriminator, Generator, conv_transpose_output_size,
                                 torch_padding, upsampling_plan)
 from jdl.summary import count_params, summarize
-from jdl.train import PRNG_IMPL
+from jdl.core import PRNG_IMPL
 
 Z = 8  # latent width in the tests
 

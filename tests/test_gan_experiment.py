@@ -1,17 +1,19 @@
-"""experiments.gan: the loop on tiny networks in-process: conditional, non-finite steps, errors."""
+"""experiments.gan: the task on tiny networks: conditional, SIGTERM and resume, non-finite steps, errors, the entrypoint."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from interrupts import assert_same_run, sigterm_at_step
 from jdl import gan
 from jdl.data import Dataset, load_dataset
-from jdl.errors import ConfigError
+from jdl.errors import ConfigError, Interrupted
 
-# The entrypoint itself runs in tests/test_kill_other_loops.py (its uninterrupted
-# reference run is checked with `check_entrypoint_outputs`), SIGTERM and resume there too.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check_entrypoint_outputs(workdir, stdout, epochs):
@@ -90,25 +92,46 @@ def test_sequences_and_other_runs_are_refused(tmp_path, tiny_shapes):
                       (np.zeros((8, 40, 1), np.float32), np.zeros(8, np.int32)), 10, None)
   with pytest.raises(ConfigError, match="a GAN needs images"):
     gan.fit(config(tmp_path), sequences, progress=False, log=lambda *a: None)
-  os.makedirs(tmp_path / "gan")
-  (tmp_path / "gan" / "config.json").write_text(json.dumps(
-      dataclasses.asdict(config(tmp_path, conditional=True))))
-  with pytest.raises(ConfigError, match="holds a GAN run with conditional=True"):
+  # A workdir with a checkpoint of a conditional run (the check comes before any restore).
+  os.makedirs(tmp_path / "gan" / "checkpoints" / "3")
+  record = {"task": "gan", **dataclasses.asdict(config(tmp_path, conditional=True)),
+            "input_shape": [32, 32, 3]}
+  (tmp_path / "gan" / "config.json").write_text(json.dumps(record))
+  with pytest.raises(ConfigError, match="holds a gan run with conditional=True, not False"):
     gan.fit(config(tmp_path), tiny_shapes, progress=False, log=lambda *a: None)
-  # A conditional run of a jdl before --g_conditioning had the concat generator.
-  older = dataclasses.asdict(config(tmp_path, conditional=True))
-  del older["g_conditioning"]
-  (tmp_path / "gan" / "config.json").write_text(json.dumps(older))
-  with pytest.raises(ConfigError, match="holds a GAN run with g_conditioning='concat', not 'multiply'"):
-    gan.fit(config(tmp_path, conditional=True, g_conditioning="multiply"), tiny_shapes,
-            progress=False, log=lambda *a: None)
-  # A class head is in D only with a positive class loss weight.
-  without_head = dict(conditional=True, d_conditioning="projection", class_loss_weight=0.0)
-  (tmp_path / "gan" / "config.json").write_text(json.dumps(
-      dataclasses.asdict(config(tmp_path, **without_head))))
-  with pytest.raises(ConfigError, match="holds a GAN run with class_loss_weight=0.0, not 1.0"):
-    gan.fit(config(tmp_path, **dict(without_head, class_loss_weight=1.0)), tiny_shapes,
-            progress=False, log=lambda *a: None)
+  (tmp_path / "gan" / "config.json").write_text(json.dumps({**record, "task": "colorize"}))
+  with pytest.raises(ConfigError, match="holds a colorize run, not a gan run"):
+    gan.fit(config(tmp_path, conditional=True), tiny_shapes, progress=False, log=lambda *a: None)
+
+
+def test_sigterm_mid_epoch_resumes_bit_exactly(tmp_path, tiny_shapes, classifier_workdir, monkeypatch):
+  """The GAN is wired through the engine: stopped inside epoch 2, resumed, equal to one run."""
+  quiet = dict(progress=False, log=lambda *a: None)
+  make = lambda name: config(tmp_path / name, epochs=2, classifier_workdir=classifier_workdir)
+  reference = gan.fit(make("reference"), tiny_shapes, **quiet)
+  sigterm_at_step(monkeypatch, 4)  # 96 images, batch 32: step 4 is the first of epoch 2
+  with pytest.raises(Interrupted, match=r"stopped by SIGTERM at step 4 \(epoch 2, step 1 of 3\)"):
+    gan.fit(make("chained"), tiny_shapes, **quiet)
+  monkeypatch.undo()
+  lines = []
+  chained = gan.fit(make("chained"), tiny_shapes, progress=False, log=lines.append)
+  assert any("epoch 1 done and 1 steps of epoch 2, step 4" in line for line in lines)
+  assert_same_run(str(tmp_path / "reference" / "gan"), str(tmp_path / "chained" / "gan"))
+  assert reference["frechet_distance_by_epoch"] == chained["frechet_distance_by_epoch"]
+  assert reference["final_losses"] == chained["final_losses"]
+
+
+def test_gan_entrypoint_smoke(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.gan", "--num_train=128", "--num_eval=64", "--g_width=16",
+       "--d_width=8", "--batch_size=32", "--latent_dim=8", "--epochs=2", "--classifier_epochs=1",
+       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  check_entrypoint_outputs(workdir, result.stdout, epochs=2)
+  # A scorer this weak (one epoch on 128 images) is flagged.
+  assert "WARNING: the scoring classifier is only" in result.stdout
+  assert "train it longer" in json.load(open(os.path.join(workdir, "results.json")))["scoring_classifier_warning"]
 
 
 def test_unwritable_workdirs_are_one_line_errors(tmp_path, tiny_shapes):
@@ -129,11 +152,12 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, tiny_shapes, classifier_w
   # Adam at 1e30 moves D's weights by ~1e30 in step 1, so G's loss against the
   # updated D overflows in the same step: step 1 is bad, and neither network changes.
   bad = dict(learning_rate=1e30, classifier_workdir=classifier_workdir)
-  with pytest.raises(TrainingError, match=r"non-finite (loss|gradients.*) at step 1 \(epoch 1\)"):
+  with pytest.raises(TrainingError, match=r"non-finite (loss|gradients.*) at step 1 \(epoch 1\).*"
+                                          "no checkpoint had been saved yet"):
     gan.fit(config(tmp_path, **bad), tiny_shapes, **quiet)
-  assert not [s for s in os.listdir(tmp_path / "gan" / "checkpoints") if s.isdigit()]
+  assert not os.path.exists(tmp_path / "gan")  # a failed start leaves nothing behind
   results = gan.fit(config(tmp_path / "skip", nan_policy="skip", epochs=2, **bad), tiny_shapes, **quiet)
   rows = [json.loads(l) for l in (tmp_path / "skip" / "gan" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["skipped_steps"] for r in rows] == [3.0, 3.0]  # 96 images, batch 32: 3 steps per epoch
+  assert [r["train_skipped_steps"] for r in rows] == [3.0, 3.0]  # 96 images, batch 32: 3 steps per epoch
   # Nothing was applied: the generator is still the untrained one.
   assert results["frechet_distance_by_epoch"][-1] == results["frechet_distance_initial"]

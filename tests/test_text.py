@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from interrupts import assert_same_run, sigterm_at_step
 from jdl import text
 from jdl.errors import ConfigError, DataError, Interrupted
 from jdl.models.rnn import LanguageModel
@@ -217,32 +217,14 @@ def test_fit_beats_bigram_on_a_rhyme_and_resumes_exactly(tmp_path, monkeypatch):
   assert full["val_bpc"] < full["bigram_val_bpc"] - 0.25, full
   assert full["beats_bigram"]
 
-  holder = {}
-
-  class StopAtStep70(text.StopSignals):
-    def __enter__(self):
-      holder["stop"] = self
-      return super().__enter__()
-
-  original = text.make_train_step
-
-  def make_stopping_step(*args):
-    step = original(*args)
-
-    def wrapped(state, *rest):
-      out = step(state, *rest)
-      if int(out[0].step) == 70:
-        holder["stop"].signum = signal.SIGTERM
-      return out
-    return wrapped
-
   config = tiny_config(tmp_path / "b", **settings)
-  monkeypatch.setattr(text, "StopSignals", StopAtStep70)
-  monkeypatch.setattr(text, "make_train_step", make_stopping_step)
-  with pytest.raises(Interrupted, match="at step 70; checkpoint saved"):
+  sigterm_at_step(monkeypatch, 70)
+  with pytest.raises(Interrupted, match=r"at step 70 \(evaluation period 2, step 20 of 50\); "
+                                        "checkpoint saved"):
     text.fit(config, **quiet)
   monkeypatch.undo()
   resumed = text.fit(config, **quiet)
+  assert_same_run(str(tmp_path / "a" / "run"), config.workdir)
   assert resumed["val_bpc"] == full["val_bpc"]
   assert resumed["samples"] == full["samples"]
   rows = [json.loads(line) for line in open(os.path.join(config.workdir, "metrics.jsonl"))]
@@ -266,9 +248,9 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
     nan_first = lambda x: x.reshape(-1).at[0].set(jnp.nan).reshape(x.shape)
     return state.replace(params=jax.tree.map(nan_first, state.params))
   monkeypatch.setattr(text, "create_state", poisoned)
-  with pytest.raises(TrainingError, match=r"non-finite loss at step 1;"):
+  with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(evaluation period 1\);"):
     text.fit(tiny_config(tmp_path / "stop"), **quiet)
-  assert not [s for s in os.listdir(tmp_path / "stop" / "run" / "checkpoints") if s.isdigit()]
+  assert not os.path.exists(tmp_path / "stop" / "run")  # a failed start leaves nothing behind
   text.fit(tiny_config(tmp_path / "skip", nan_policy="skip"), **quiet)
   rows = [json.loads(line) for line in open(tmp_path / "skip" / "run" / "metrics.jsonl")]
   assert [r["train_skipped_steps"] for r in rows] == [3, 3]  # 6 steps, evaluated every 3
@@ -276,12 +258,19 @@ def test_nonfinite_steps_stop_or_are_skipped(tmp_path, monkeypatch):
 
 
 def test_workdir_of_another_text_is_refused(tmp_path):
-  config = tiny_config(tmp_path, steps=0)
-  text.fit(config, progress=False, log=lambda *a: None)
-  other = tmp_path / "other.txt"
-  other.write_text("completely different characters: XYZ 123 " * 10)
-  with pytest.raises(ConfigError, match="holds a run on another text"):
-    text.fit(dataclasses.replace(config, text_file=str(other)), progress=False, log=lambda *a: None)
+  config = tiny_config(tmp_path, steps=3, eval_every=3)
+  quiet = dict(progress=False, log=lambda *a: None)
+  text.fit(config, **quiet)
+  # The same path now holds another text: its vocabulary (and size) differ.
+  with open(config.text_file, "w", encoding="utf-8") as f:
+    f.write(RHYME.replace("cat", "rat").replace("dog", "hog"))
+  with pytest.raises(ConfigError, match=r"holds a text run with vocabulary="):
+    text.fit(config, **quiet)
+  # Sampling settings may change (they are read after training); the run is the same.
+  with open(config.text_file, "w", encoding="utf-8") as f:
+    f.write(RHYME)
+  results = text.fit(dataclasses.replace(config, temperatures=(0.7,)), **quiet)
+  assert [s["temperature"] for s in results["samples"]] == [0.7]
 
 
 def test_sample_only_without_a_trained_run(tmp_path):

@@ -71,9 +71,9 @@ def test_early_stopping_restores_best(tmp_path, shapes_small):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path, shapes_small):
-  _fit(tmp_path, shapes_small, epochs=0)
-  with pytest.raises(ConfigError, match="holds a run of model 'cnn'"):
-    _fit(tmp_path, shapes_small, model="mlp", epochs=0)
+  _fit(tmp_path, shapes_small, epochs=1, num_train=0)
+  with pytest.raises(ConfigError, match="holds a classifier run with model='cnn', not 'mlp'"):
+    _fit(tmp_path, shapes_small, model="mlp", epochs=1)
 
 
 def test_unwritable_workdir(tmp_path, shapes_small):

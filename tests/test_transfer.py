@@ -247,7 +247,7 @@ def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
   assert pretrained.model.num_classes == 5 and type(pretrained.model).__name__ == "LeNet5"
   tx, _ = train.build_optimizer(transfer.experiment._train_config(config), 10, 10)
   target = train.create_train_state(pretrained.model, (32, 32, 3), tx, jax.random.key(0))
-  best, _ = checkpoint.Checkpoints(os.path.join(workdir, "pretrain")).restore_best(target)
+  best, _ = checkpoint.Checkpoints(os.path.join(workdir, "pretrain"), best_mode="max").restore_best(target)
   for a, b in zip(jax.tree.leaves(pretrained.variables["params"]), jax.tree.leaves(best.params)):
     np.testing.assert_array_equal(a, b)
   # It records the input statistics it was trained with: its training split's

@@ -17,8 +17,7 @@ from flax import struct
 
 from jdl.data import pipeline
 from jdl.errors import ConfigError
-from jdl.reliability import step_status
-from jdl.train import TrainState
+from jdl.core import TrainState, step_status
 
 
 class GANState(struct.PyTreeNode):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import train
+from jdl import engine, train
 from jdl.config import TrainConfig, option, validate as validate_train_config
 from jdl.data import Dataset, load_dataset, pipeline, split_validation
 from jdl.errors import ConfigError
@@ -148,7 +148,7 @@ def pretrained_model(config: TransferConfig, source: Optional[Dataset], workdir:
   _, _, saved = _saved_config(pre_config.workdir)
   return Pretrained(train.build_classifier(pre_config, source.num_classes),
                     jax.device_get(variables), pre_config.workdir, results["test_accuracy"],
-                    _recorded_stats(saved))
+                    _recorded_stats(saved), tuple(source.input_shape))
 
 
 def _epoch_times(workdir: str) -> List[float]:
@@ -171,6 +171,9 @@ def run_scenario(config: TransferConfig, scenario: str, data: Dataset, pretraine
     return _finish_row(row, results)
 
   input_shape = data.input_shape
+  if pretrained.input_shape is not None and tuple(pretrained.input_shape) != tuple(input_shape):
+    raise ConfigError(f"{pretrained.source} was trained on inputs of shape {tuple(pretrained.input_shape)}, "
+                      f"but {data.name} has {tuple(input_shape)}; transfer needs inputs of the same shape")
   backbone = pretrained.model
   # Only small_different keeps just the early layers; the others drop the last one.
   cut = config.cut_at or default_cut(backbone, input_shape, similar or not frozen_backbone)
@@ -191,16 +194,22 @@ def run_scenario(config: TransferConfig, scenario: str, data: Dataset, pretraine
           "new training split's")
     input_stats = pretrained.input_stats
   row["normalize_inputs"] = "target" if input_stats is None else "pretrained"
+  # What this scenario's run is, beyond its TrainConfig: a rerun must match it to resume.
+  scenario_record = {"scenario": scenario, "cut_at": cut, "head_pool": config.head_pool,
+                     "head_hidden": config.head_hidden, "normalize_inputs": row["normalize_inputs"],
+                     "pretrained": pretrained.path}
   if frozen_backbone and config.bottleneck:
-    return _bottleneck(run_config, row, model, variables, data, input_stats, progress, log)
+    return _bottleneck(run_config, row, model, variables, data, input_stats, scenario_record,
+                       progress, log)
   _, results = train.fit(run_config, data, model=model, variables=variables, frozen=frozen,
-                         input_stats=input_stats, progress=progress, log=lambda line: None)
+                         input_stats=input_stats, extra_record=scenario_record, progress=progress,
+                         log=lambda line: None)
   row["trainable_params"] = results["trainable_params"]
   return _finish_row(row, results)
 
 
 def _bottleneck(run_config: TrainConfig, row: dict, model: TransferModel, variables: dict,
-                data: Dataset, input_stats, progress: bool, log) -> dict:
+                data: Dataset, input_stats, scenario_record: dict, progress: bool, log) -> dict:
   """Scenarios 1-2 with cached features: the backbone runs once, the head trains.
 
   `input_stats` normalise the images as train.fit would (None: the training split's).
@@ -237,6 +246,7 @@ def _bottleneck(run_config: TrainConfig, row: dict, model: TransferModel, variab
   feature_dim = features.input_shape[-1]
   _, results = train.fit(run_config, features, model=head,
                          input_stats=(np.zeros(feature_dim, np.float32), np.ones(feature_dim, np.float32)),
+                         extra_record={**scenario_record, "bottleneck": True},
                          progress=progress, log=lambda line: None)
   epoch_times = _epoch_times(run_config.workdir)[1:]  # the first epoch includes compiling
   head_epoch_s = float(np.median(epoch_times)) if epoch_times else None
@@ -289,9 +299,14 @@ def run(config: TransferConfig, *, progress: bool = True, log=print) -> dict:
   """
   start = time.time()
   validate(config)
-  workdir = config.workdir or f"runs/transfer-{config.dataset}-{config.model}-seed{config.seed}"
-  from jdl.config import make_writable_dir
-  make_writable_dir(workdir)
+  workdir = config.workdir or engine.default_workdir("transfer", config.dataset, config.model,
+                                                     seed=config.seed)
+  record = {"task": "transfer", **dataclasses.asdict(config)}
+  with engine.workdir(workdir, record, may_change=("scenario",)) as record:
+    return _run(config, workdir, record, start, progress, log)
+
+
+def _run(config: TransferConfig, workdir: str, record: dict, start: float, progress: bool, log) -> dict:
   tasks = target_tasks(config)
   source = tasks.pop("source", None)
   pretrained = pretrained_model(config, source, workdir, progress, log)
@@ -313,7 +328,7 @@ def run(config: TransferConfig, *, progress: bool = True, log=print) -> dict:
     rows.append(row)
   table = format_table(rows)
   log("\n" + table)
-  results = {"config": dataclasses.asdict(config), "pretrained": {
+  results = {"config": record, "pretrained": {
       "source": pretrained.source, "test_accuracy": pretrained.test_accuracy},
       "scenarios": rows, "wall_time_s": time.time() - start}
   write_json(os.path.join(workdir, "results.json"), results)

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl import train
+from jdl.core import PRNG_IMPL, init_variables as fresh_variables
 from jdl.errors import ConfigError
 from jdl.models import layers
 
@@ -144,5 +144,5 @@ def default_cut(model: nn.Module, input_shape: Sequence[int], similar: bool) -> 
 
 def init_variables(model: nn.Module, input_shape: Sequence[int], seed: int = 0) -> dict:
   """Fresh {'params', 'batch_stats'?} of `model` for (1, *input_shape) inputs, on the host."""
-  key = jax.random.key(seed, impl=train.PRNG_IMPL)
-  return jax.device_get(dict(train.init_variables(model, input_shape, key)))
+  key = jax.random.key(seed, impl=PRNG_IMPL)
+  return jax.device_get(dict(fresh_variables(model, input_shape, key)))

@@ -69,12 +69,19 @@ class Pretrained:
     test_accuracy: on its own task, when known.
     input_stats: (mean, std) per channel, in [0, 1] image units, that the
       model's inputs were normalised with when it was trained; None if unknown.
+    input_shape: one example's shape it was trained on; None if unknown.
+    path: the workdir or file it came from (default: `source`).
   """
   model: nn.Module
   variables: dict
   source: str
   test_accuracy: Optional[float] = None
   input_stats: Optional[Tuple[np.ndarray, np.ndarray]] = None
+  input_shape: Optional[Tuple[int, ...]] = None
+  path: Optional[str] = None
+
+  def __post_init__(self):
+    self.path = os.path.abspath(self.path or self.source)
 
 
 # torchvision's ImageNet preprocessing (transforms.Normalize), [0, 1] units.
@@ -82,47 +89,29 @@ IMAGENET_STATS = (np.array([0.485, 0.456, 0.406], np.float32),
                   np.array([0.229, 0.224, 0.225], np.float32))
 
 
-def _recorded_stats(saved: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-  """(mean, std) from a run's config.json; None for runs of a jdl before it was recorded."""
-  if "input_mean" not in saved or "input_std" not in saved:
-    return None
+def _recorded_stats(saved: dict) -> Tuple[np.ndarray, np.ndarray]:
+  """(mean, std) from a classifier run's config.json."""
   return (np.asarray(saved["input_mean"], np.float32), np.asarray(saved["input_std"], np.float32))
 
 
 def _saved_config(workdir: str) -> Tuple[TrainConfig, int, dict]:
-  """The run's TrainConfig, class count and raw config.json (class count from results.json
-  for older runs)."""
+  """The run's TrainConfig, class count and raw config.json."""
   config, saved = load_run_config(workdir, "pretrained_workdir")
-  num_classes = saved.get("num_classes")
-  if not num_classes:  # config.json of runs before it was recorded; a finished run's results.json has it
-    try:
-      with open(os.path.join(workdir, "results.json")) as f:
-        num_classes = json.load(f)["dataset"]["num_classes"]
-    except (OSError, ValueError, KeyError, TypeError):
-      raise ConfigError(f"--pretrained_workdir {workdir} does not record its class count "
-                        "(an unfinished run of an older jdl); rerun it to finish") from None
-  return config, int(num_classes), saved
+  return config, int(saved["num_classes"]), saved
 
 
 def load_workdir(workdir: str, dtype=jnp.float32) -> Pretrained:
-  """The best (else latest) parameters of an experiments.cifar run.
+  """The best (else latest) parameters of an experiments.cifar or sequence run.
 
-  The model is rebuilt from the run's config.json; its class count comes from
-  the stored head, so the checkpoint is read without a target structure.
+  The model is rebuilt from the run's config.json; the checkpoint is read
+  without a target structure.
   """
   config, num_classes, saved = _saved_config(workdir)
-  variables, step = None, None
-  for sub in ("best", "checkpoints"):
-    directory = os.path.join(workdir, sub)
-    if os.path.isdir(directory):
-      found = checkpoint.restore_arrays(directory)
-      if found is not None:
-        (state, _), step = found
-        variables = {k: state[k] for k in ("params", "batch_stats") if state.get(k) is not None}
-        break
-  if variables is None:
-    raise CheckpointError(f"--pretrained_workdir {workdir} has no checkpoint "
-                          "(in best/ or checkpoints/)")
+  found = checkpoint.restore_arrays(workdir)
+  if found is None:
+    raise CheckpointError(f"--pretrained_workdir {workdir} has no checkpoint yet")
+  (state, _), step = found
+  variables = {k: state[k] for k in ("params", "batch_stats") if state.get(k) is not None}
   config = dataclasses.replace(config, precision="bfloat16" if dtype == jnp.bfloat16 else "float32")
   model = train.build_classifier(config, num_classes)
   accuracy = None
@@ -132,7 +121,7 @@ def load_workdir(workdir: str, dtype=jnp.float32) -> Pretrained:
   except (OSError, ValueError):
     pass
   return Pretrained(model, variables, f"{workdir} ({config.model}, step {step})", accuracy,
-                    _recorded_stats(saved))
+                    _recorded_stats(saved), tuple(saved["input_shape"]), workdir)
 
 
 def load_safetensors_resnet(path: str, model_name: str, input_shape: Sequence[int],
@@ -152,4 +141,4 @@ def load_safetensors_resnet(path: str, model_name: str, input_shape: Sequence[in
   model = models.build_model(model_name, stem=stem, num_classes=num_classes, dtype=dtype)
   variables = pretrained.torch_to_jdl(tensors, model, input_shape)
   return Pretrained(model, jax.device_get(variables), f"{path} ({model_name}, stem {stem})",
-                    input_stats=IMAGENET_STATS)  # torchvision's weights expect ImageNet-normalised inputs
+                    input_stats=IMAGENET_STATS, path=path)  # torchvision's weights expect ImageNet-normalised inputs
