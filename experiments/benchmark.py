@@ -55,6 +55,11 @@ def main(argv):
   print(f"device: {result['device_kind']} x{result['device_count']}")
   if FLAGS.compare:
     print(f"jdl / PyTorch throughput: {result['ratio_vs_torch']:.2f}x")
+  host = result["host"]
+  if not host["quiet"]:
+    print(f"WARNING: other processes used {host['other_cores']:.2f} cores on average while timing "
+          f"(load average {host['load_before']:.2f} before): these figures cannot be trusted; "
+          "rerun on a quiet machine")
 
 
 def cpu_devices() -> int:

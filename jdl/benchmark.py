@@ -35,6 +35,12 @@ default, as experiments.sequence and text do (`parallel.auto_cpu_devices`).
 `compare_torch` times jdl's step and the same step in PyTorch in one loop,
 alternating every 5 steps: on a shared host whose speed drifts by 20% within
 a minute, timing one side after the other moved the ratio by as much.
+  host            how busy the host was with other work while timing
+                  (`HostLoad`): the 1-minute load average before, and the
+                  cores other processes used on average during the timing;
+                  `quiet` is False above `BUSY_HOST_CORES`, and then the
+                  figures (and above all a ratio between two thread pools)
+                  cannot be trusted.
 """
 import functools
 import os
@@ -50,7 +56,8 @@ from jdl import gan, optim, parallel, xla
 from jdl.errors import ConfigError
 from jdl.models import MODELS, build_model
 from jdl.summary import count_params
-from jdl.train import PRNG_IMPL, TrainState, train_step
+from jdl.core import PRNG_IMPL, TrainState
+from jdl.train import train_step
 
 # Dense peak FLOP/s by device-kind substring and compute precision (vendor
 # datasheets, SXM parts, without sparsity). float32 means plain FP32 units
@@ -228,6 +235,51 @@ def _timing(times, batch_size: int) -> Dict:
           "examples_per_s": batch_size / step_s}
 
 
+# Other processes using more than this many cores on average while timing make
+# the figures untrustworthy: on 2 cores another job slowed PyTorch's dcgan step
+# from 60 ms to 1,800 ms (both sides' thread pools spin and fight for cores).
+BUSY_HOST_CORES = 0.25
+
+
+def _host_cpu_seconds() -> Optional[float]:
+  """CPU seconds all processes of this host have used (Linux /proc/stat), None elsewhere."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+  except (OSError, ValueError):
+    return None
+  user, nice, system, _, _, irq, softirq = fields
+  return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class HostLoad:
+  """How busy the host is with work other than this process, around a timing.
+
+      with HostLoad() as load:
+        ...  # timed work
+      load.report()  # {'load_before', 'other_cores', 'quiet'}
+  `other_cores`: the host's CPU time minus this process's, over the wall time
+  (0 on an idle host, 1 with one other busy thread); None off Linux.
+  """
+
+  def __enter__(self):
+    self.load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    self.start = (time.perf_counter(), _host_cpu_seconds(), sum(os.times()[:2]))
+    return self
+
+  def __exit__(self, *exc):
+    self.end = (time.perf_counter(), _host_cpu_seconds(), sum(os.times()[:2]))
+    return False
+
+  def report(self) -> Dict:
+    (t0, host0, own0), (t1, host1, own1) = self.start, self.end
+    other = None
+    if host0 is not None and host1 is not None and t1 > t0:
+      other = max((host1 - host0) - (own1 - own0), 0.0) / (t1 - t0)
+    return {"load_before": self.load_before, "other_cores": other,
+            "quiet": other is None or other <= BUSY_HOST_CORES}
+
+
 def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5) -> Dict[str, Dict]:
   """Times every side `steps` times after `warmup` calls, alternating between
   sides every `block` calls, so that a host that speeds up or slows down
@@ -244,14 +296,15 @@ def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5
     for _ in range(warmup):
       side.run()
   times = {name: [] for name in sides}
-  while any(len(t) < steps for t in times.values()):
-    for name, side in sides.items():
-      count = min(block, steps - len(times[name]))
-      if count and len(sides) > 1:
-        side.run()  # untimed: see above
-      for _ in range(count):
-        times[name].append(side.run())
-  return {name: side.result(times[name]) for name, side in sides.items()}
+  with HostLoad() as load:
+    while any(len(t) < steps for t in times.values()):
+      for name, side in sides.items():
+        count = min(block, steps - len(times[name]))
+        if count and len(sides) > 1:
+          side.run()  # untimed: see above
+        for _ in range(count):
+          times[name].append(side.run())
+  return {name: {**side.result(times[name]), "host": load.report()} for name, side in sides.items()}
 
 
 def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: int, seed: int,
@@ -396,9 +449,15 @@ def benchmark(model: str, *, batch_size: int = 128, precision: str = "float32", 
 def compare_torch(model: str, *, batch_size: int = 128, precision: str = "float32",
                   steps: int = 20, warmup: int = 3, steps_per_call: int = 1, seed: int = 0,
                   rnn_implementation: Optional[str] = None) -> Dict:
-  """`benchmark` with the PyTorch side (`benchmark_torch`) timed in the same
-  loop, alternating every 5 steps; returns jdl's figures with 'torch' (its
-  figures) and 'ratio_vs_torch' (jdl / PyTorch examples per second)."""
+  """`benchmark` with the same architecture and step in PyTorch timed in the
+  same loop, alternating every 5 steps; returns jdl's figures with 'torch'
+  (its figures) and 'ratio_vs_torch' (jdl / PyTorch examples per second).
+
+  On GPU the PyTorch side gets its fair best: channels_last, bfloat16
+  autocast when precision is bfloat16, and torch.compile. Raises ConfigError
+  if PyTorch is not installed, has no version of `model`, or its parameter
+  count differs.
+  """
   _check_counts(steps, warmup)
   jdl_side = _jdl_side(model, batch_size=batch_size, precision=precision,
                        steps_per_call=steps_per_call, seed=seed,
@@ -410,20 +469,6 @@ def compare_torch(model: str, *, batch_size: int = 128, precision: str = "float3
   result["torch"] = results["torch"]
   result["ratio_vs_torch"] = result["examples_per_s"] / results["torch"]["examples_per_s"]
   return result
-
-
-def benchmark_torch(model: str, *, batch_size: int, precision: str = "float32", steps: int = 20,
-                    warmup: int = 3, expected_params: Optional[int] = None) -> Dict:
-  """The same architecture and step in PyTorch, timed the same way.
-
-  On GPU it gets its fair best: channels_last, bfloat16 autocast when
-  precision is bfloat16, and torch.compile. Raises ConfigError if PyTorch is
-  not installed, has no version of `model`, or its parameter count differs.
-  """
-  _check_counts(steps, warmup)
-  side = _torch_side(model, batch_size=batch_size, precision=precision,
-                     expected_params=expected_params)
-  return _time_sides({"torch": side}, steps, warmup)["torch"]
 
 
 def _torch_side(model: str, *, batch_size: int, precision: str,

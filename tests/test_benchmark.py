@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -172,7 +173,7 @@ def test_torch_side_with_a_non_finite_loss_is_an_error(monkeypatch):
     return nan_step
   monkeypatch.setattr(torch_reference, "build", nan_build)
   with pytest.raises(ConfigError, match="PyTorch cnn produced a non-finite loss"):
-    benchmark.benchmark_torch("cnn", batch_size=4, steps=1, warmup=0)
+    benchmark.compare_torch("cnn", batch_size=4, steps=1, warmup=0)
 
 
 def test_sides_are_timed_alternately_in_blocks():
@@ -188,16 +189,33 @@ def test_sides_are_timed_alternately_in_blocks():
   # Warm-up, then blocks of 5 timed calls, each after one untimed call.
   assert calls == ["a"] * 2 + ["b"] * 2 + (["a"] * 6 + ["b"] * 6) * 2 + ["a"] * 3 + ["b"] * 3
   assert results["a"]["times"] == [0.001] * 12 and results["b"]["times"] == [0.002] * 12
+  assert set(results["a"]["host"]) == {"load_before", "other_cores", "quiet"}
   calls.clear()  # one side alone: nothing to settle
   results = benchmark._time_sides({"a": side("a")}, steps=7, warmup=1, block=5)
   assert calls == ["a"] * 8 and results["a"]["times"] == [0.001] * 7
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_host_load_sees_another_busy_process():
+  """Another process spinning while we time shows as ~1 core of other work, so
+  the figures are flagged (the other test worker can only add to it)."""
+  spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\n"
+                              "while time.time() < end: pass"])
+  try:
+    time.sleep(0.2)  # let it start spinning
+    with benchmark.HostLoad() as load:
+      time.sleep(1.0)  # this process idles: its own CPU time is not counted
+  finally:
+    spinner.wait()
+  report = load.report()
+  assert report["other_cores"] > 0.6 and not report["quiet"], report
 
 
 MALLOC_PROBE = """
 import resource, sys
 import jax
 from jdl import benchmark, cli, xla
-from jdl.train import PRNG_IMPL
+from jdl.core import PRNG_IMPL
 if sys.argv[1] == "tuned":
   assert cli.tune_malloc()
 # The cnn step at batch 256: a 59 MiB temp buffer per call, over glibc's
