@@ -79,6 +79,8 @@ def config_from_flags(config_cls, preset: str = "", apply_preset=None):
         value = tuple(float(v) for v in value)
       except ValueError:
         raise JdlError(f"--{field.name} must be a comma-separated list of numbers, got {value}") from None
+    if isinstance(value, str) and value.startswith("~"):
+      value = os.path.expanduser(value)  # --data_dir=~/data as a shell would expand it
     values[field.name] = value
   config = config_cls(**values)
   if apply_preset is not None:
