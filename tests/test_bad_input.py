@@ -66,6 +66,9 @@ CASES = [
     (["WORKDIR=blocked/run"], "is not writable"),
     (["WORKDIR=other"], "holds a classifier run with model='mlp', not 'cnn'"),
     (["WORKDIR=gan"], "holds a gan run, not a classifier run"),
+    # Paths from flags expand ~ as a shell would.
+    (["--dataset=cifar10", "--data_dir=~/jdl-no-such-dir"],
+     f"is in none of {os.path.expanduser('~/jdl-no-such-dir')}/cifar10, "),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from jdl import checkpoint, optim, train, transfer
 from jdl.data import pipeline, split_validation
+from jdl.config import TrainConfig
 from jdl.errors import CheckpointError, ConfigError
 from jdl.models import ResNet, build_model
 from jdl.summary import count_params, summarize
@@ -262,3 +263,25 @@ def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
                               workdir, progress=False, log=lines.append)
   assert any("bottleneck features read from" in line for line in lines)
   assert row["test_accuracy"] == results["scenarios"][0]["test_accuracy"]
+
+
+def test_pretrained_run_of_another_input_shape_or_kind_is_named_and_nothing_is_left(tmp_path):
+  """A GRU trained on MNIST-1D sequences cannot be transferred to 32x32 images: the
+  error says what the workdir holds, and the transfer workdir is not left behind."""
+  quiet = dict(progress=False, log=lambda *a: None)
+  gru = TrainConfig(dataset="mnist1d", model="gru", hidden_size=8, epochs=1, num_train=200,
+                    num_test=50, batch_size=50, workdir=str(tmp_path / "gru"), log_every=1000)
+  train.fit(gru, **quiet)
+  config = transfer.TransferConfig(**{**transfer.FLAG_DEFAULTS, **SMALL, "scenario": "small_similar",
+                                      "pretrained_workdir": gru.workdir,
+                                      "workdir": str(tmp_path / "transfer")})
+  with pytest.raises(ConfigError, match=r"gru, step 3\) was trained on inputs of shape \(40, 1\), "
+                                        r"but shapes-similar-small has \(32, 32, 3\)"):
+    transfer.run(config, **quiet)
+  assert not os.path.exists(tmp_path / "transfer")
+  # A workdir of another task (here a GAN's record) is named as such.
+  record = json.loads((tmp_path / "gru" / "config.json").read_text())
+  (tmp_path / "gru" / "config.json").write_text(json.dumps({**record, "task": "gan"}))
+  with pytest.raises(ConfigError, match=r"holds a gan run, not a classifier run of experiments.cifar"):
+    transfer.run(config, **quiet)
+  assert not os.path.exists(tmp_path / "transfer")
