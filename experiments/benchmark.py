@@ -4,6 +4,7 @@ r"""Times jdl's training step (and, with --compare=torch, PyTorch's) on this mac
   python -m experiments.benchmark --model=lstm --batch_size=64 --compare=torch
   python -m experiments.benchmark --model=dcgan --batch_size=64 --compare=torch --json
   python -m experiments.benchmark --model=fastnet --precision=bfloat16 --steps_per_call=10
+  python -m experiments.benchmark --model=cnn --ab_kernels=max_pool   # what a CPU kernel saves
 Synthetic data, warm-up excluded; compile time is reported separately (cold).
 See jdl/benchmark.py for what each figure means.
 """
@@ -23,6 +24,8 @@ flags.DEFINE_integer("steps_per_call", 1, "training steps per host call, in one 
 flags.DEFINE_string("rnn_implementation", None,
                     "lstm: scan (default) or cudnn (the cuDNN kernel, CUDA GPU, float32)")
 flags.DEFINE_string("compare", "", "'torch': time the same architecture in PyTorch in the same run")
+flags.DEFINE_string("ab_kernels", "", "A/B of CPU kernels (jdl.ops): time the step with the "
+                    "selected kernels against the step without these (a comma list), in one loop")
 flags.DEFINE_boolean("json", False, "print one JSON object instead of a table")
 FLAGS = flags.FLAGS
 
@@ -31,6 +34,17 @@ def main(argv):
   del argv
   if FLAGS.compare not in ("", "torch"):
     raise ConfigError(f"--compare must be torch or empty, got {FLAGS.compare!r}")
+  if FLAGS.ab_kernels:
+    result = benchmark.compare_kernels(FLAGS.model, FLAGS.ab_kernels, batch_size=FLAGS.batch_size,
+                                       precision=FLAGS.precision, steps=FLAGS.steps,
+                                       warmup=FLAGS.warmup)
+    if FLAGS.json:
+      print(json.dumps(result, sort_keys=True))
+    else:
+      print(f"{FLAGS.model}, batch {FLAGS.batch_size}: step {result['with']['step_ms']:.1f} ms with "
+            f"every kernel, {result['without']['step_ms']:.1f} ms without "
+            f"{', '.join(result['kernels'])}: they save {result['saving']:.1%}")
+    return
   # With --compare=torch both sides are timed in one loop, alternating every
   # 5 steps, so a host that changes speed mid-run moves both alike.
   run = benchmark.compare_torch if FLAGS.compare else benchmark.benchmark

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import gan, optim, parallel, xla
+from jdl import gan, ops, optim, parallel, xla
 from jdl.errors import ConfigError
 from jdl.models import MODELS, build_model
 from jdl.summary import count_params
@@ -203,8 +203,8 @@ def _dcgan_step(batch_size: int, precision: str, seed: int = 0):
   from jdl.models.decoder import Discriminator, Generator
   config = gan.GANConfig()
   dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
-  generator = Generator((32, 32, 3), config.g_width, dtype=dtype)
-  discriminator = Discriminator(config.d_width, dtype=dtype)
+  generator = Generator((32, 32, 3), config.g_width, dtype=dtype, **ops.choices(Generator))
+  discriminator = Discriminator(config.d_width, dtype=dtype, **ops.choices(Discriminator))
   state = gan.create_gan_state(generator, discriminator, (32, 32, 3), config.latent_dim,
                                jax.random.key(seed, impl=PRNG_IMPL))
   images = jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (batch_size, 32, 32, 3)),
@@ -469,6 +469,40 @@ def compare_torch(model: str, *, batch_size: int = 128, precision: str = "float3
   result["torch"] = results["torch"]
   result["ratio_vs_torch"] = result["examples_per_s"] / results["torch"]["examples_per_s"]
   return result
+
+
+def compare_kernels(model: str, without, *, batch_size: int = 128, precision: str = "float32",
+                    steps: int = 20, warmup: int = 3, seed: int = 0) -> Dict:
+  """The A/B of CPU kernels (`jdl.ops`): `model`'s step built with the
+  selected kernels ('with') and with those less `without` ('without'),
+  timed in one loop alternating every 5 steps, as `compare_torch`.
+
+  Returns {'with': figures, 'without': figures, 'saving': the fraction of
+  the step the kernels in `without` save (1 - with / without step time),
+  'kernels': the names left out}. The process-wide `malloc` kernel cannot be
+  A/B'd in one process: compare two runs of experiments.benchmark with
+  --cpu_kernels instead.
+  """
+  from jdl import ops
+  _check_counts(steps, warmup)
+  base = ops.selected()
+  without = ops.parse(without) if isinstance(without, str) else frozenset(without)
+  if "malloc" in without:
+    raise ConfigError("the malloc kernel is process-wide: compare two runs of "
+                      "experiments.benchmark --cpu_kernels=... instead")
+  sides, previous = {}, os.environ.get(ops.ENV)
+  try:
+    for name, kernels in (("with", base), ("without", base - without)):
+      os.environ[ops.ENV] = ",".join(sorted(kernels)) or "0"
+      xla.enable("xla_options" in kernels)
+      sides[name] = _jdl_side(model, batch_size=batch_size, precision=precision,
+                              steps_per_call=1, seed=seed, rnn_implementation=None)
+  finally:
+    os.environ.pop(ops.ENV) if previous is None else os.environ.__setitem__(ops.ENV, previous)
+    xla.enable("xla_options" in base)
+  results = _time_sides(sides, steps, warmup)
+  return {**results, "kernels": sorted(without),
+          "saving": 1 - results["with"]["step_ms"] / results["without"]["step_ms"]}
 
 
 def _torch_side(model: str, *, batch_size: int, precision: str,

@@ -7,8 +7,10 @@
   `error: ...` and exits with status 2 -- never a traceback for bad input.
 - `enable_compilation_cache()` turns on JAX's persistent compilation cache, so a
   second run of the same configuration skips most of its compile time.
-- `tune_malloc()` keeps freed memory in the process (glibc), which `run` does
-  for every entrypoint unless $JDL_MALLOC_TUNING=0.
+- `tune_malloc()` keeps freed memory in the process (glibc), and `jdl.xla`'s
+  compile options: the two process-wide CPU kernels (`jdl.ops`), applied by
+  `call` for every entrypoint on a CPU host unless `--cpu_kernels` (or
+  $JDL_CPU_KERNELS) leaves them out.
 """
 import dataclasses
 import functools
@@ -19,6 +21,7 @@ from typing import Optional, Sequence
 
 from absl import app, flags, logging
 
+from jdl import ops
 from jdl.errors import Interrupted, JdlError
 
 FLAGS = flags.FLAGS
@@ -152,6 +155,10 @@ def define_common_flags() -> None:
                          module_name=sys.argv[0])
     flags.DEFINE_integer("process_id", 0, "multi-host: this process's index in [0, num_processes)",
                          module_name=sys.argv[0])
+    flags.DEFINE_string("cpu_kernels", None,
+                        "jdl's CPU kernels (jdl.ops): 1 all (default), 0 none (plain Flax and XLA, "
+                        "to compare), or a comma list of: " + ", ".join(ops.KERNELS)
+                        + "; sets $JDL_CPU_KERNELS", module_name=sys.argv[0])
     flags.DEFINE_integer("cpu_devices", None,
                          "CPU backend: split the host into N devices (one per core is the useful "
                          "value); training is then data parallel over them, and recurrent layers "
@@ -170,14 +177,28 @@ def parse_flags(argv):
 
 
 def _choose_cpu_devices(auto_cpu_devices) -> int:
-  """--cpu_devices if given; else `auto_cpu_devices()` (1 without one, or where
-  XLA_FLAGS already fixes the count)."""
+  """--cpu_devices if given; else `auto_cpu_devices()` (1 without one, where
+  XLA_FLAGS already fixes the count, or with the loops_per_device kernel off)."""
   from jdl import parallel
   if FLAGS.cpu_devices is not None:
     return FLAGS.cpu_devices
-  if auto_cpu_devices is None or parallel.forced_host_devices():
+  if (auto_cpu_devices is None or parallel.forced_host_devices()
+      or "loops_per_device" not in ops.selected()):
     return 1
   return auto_cpu_devices()
+
+
+def cpu_host() -> bool:
+  """Whether JAX will run on the CPU, judged without starting its backend (which
+  would fix the device count): JAX_PLATFORMS names cpu first, or no GPU or TPU
+  plugin is installed."""
+  import importlib.util
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
+             "libtpu")
+  return not any(importlib.util.find_spec(name) for name in plugins)
 
 
 def call(main, argv, auto_cpu_devices=None) -> None:
@@ -191,8 +212,23 @@ def call(main, argv, auto_cpu_devices=None) -> None:
   """
   if FLAGS.deterministic:
     _deterministic_gpu()
-  if os.environ.get("JDL_MALLOC_TUNING", "1") != "0":
-    tune_malloc()
+  if FLAGS.cpu_kernels is not None:
+    try:
+      ops.parse(FLAGS.cpu_kernels)
+    except JdlError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    os.environ[ops.ENV] = FLAGS.cpu_kernels  # read by jdl.ops when models are built
+  try:
+    kernels = ops.selected()
+  except JdlError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if cpu_host():  # the process-wide kernels, in entrypoints only
+    if "malloc" in kernels:
+      tune_malloc()
+    from jdl import xla
+    xla.enable("xla_options" in kernels)
   if not FLAGS["verbosity"].present:
     # Orbax logs every checkpoint at INFO and TFDS warns about empty data
     # dirs it is only probing; keep the console for progress and jdl's own

@@ -15,7 +15,7 @@ Errors are mean squared errors per pixel and channel on the [0, 1] colour scale.
 import dataclasses
 import math
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdl import engine, parallel
+from jdl import engine, ops, parallel
 from jdl.config import option
 from jdl.core import PRNG_IMPL, TrainState, apply_if_finite, model_variables
 from jdl.data import load_dataset, pipeline
@@ -86,21 +86,26 @@ class Colorizer(nn.Module):
     image_shape: (H, W, 3) of the output; H and W multiples of 8 that the
       decoder can reach (32, 64, ...).
     width: w.
+    conv, conv_transpose: the (transposed) convolution layers: `nn.Conv`,
+      `nn.ConvTranspose` or stand-ins with their fields (`jdl.ops.choices`).
   """
   image_shape: tuple = (32, 32, 3)
   width: int = 64
+  conv: Any = nn.Conv
+  conv_transpose: Any = nn.ConvTranspose
 
   @nn.compact
   def __call__(self, grey, *, train: bool = False):
     x = grey
     for i, features in enumerate((self.width, 2 * self.width, 4 * self.width)):
-      x = nn.Conv(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
-                  kernel_init=KERNEL_INIT, name=f"conv{i + 1}")(x)  # (B, H/2^(i+1), W/2^(i+1), features)
+      x = self.conv(features, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
+                    kernel_init=KERNEL_INIT, name=f"conv{i + 1}")(x)  # (B, H/2^(i+1), W/2^(i+1), features)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i + 1}")(x))
     # The decoder predicts the colour's offset from the grey copy: a colour
     # image's luma equals the input, so only the chroma has to be learnt, and
     # the untrained model starts at the grey-copy baseline instead of noise.
-    offset = Decoder(tuple(self.image_shape), base_width=2 * self.width, name="decoder")(x, train=train)
+    offset = Decoder(tuple(self.image_shape), base_width=2 * self.width,
+                     conv_transpose=self.conv_transpose, name="decoder")(x, train=train)
     return jnp.broadcast_to(grey, offset.shape) + offset  # (B, H, W, 3)
 
 
@@ -174,7 +179,7 @@ def fit(config: ColorizeConfig, dataset=None, *, devices=None, progress: bool = 
   workdir = config.workdir or engine.default_workdir("colorize", config.dataset, seed=config.seed)
   record = {"task": "colorize", **dataclasses.asdict(config), "input_shape": list(shape)}
   with engine.workdir(workdir, record) as record:
-    model = Colorizer(shape, config.width)
+    model = Colorizer(shape, config.width, **ops.choices(Colorizer))
     log(f"Colorizer on {dataset.name} {shape}\n{summarize(model, shape[:2] + (1,))}")
     init_key, data_key = jax.random.split(jax.random.key(config.seed, impl=PRNG_IMPL))
     variables = jax.jit(model.init)(init_key, jnp.zeros((1, *shape[:2], 1)))

@@ -23,7 +23,6 @@ The loop is `jdl.engine.run`'s, so resume, SIGTERM, the non-finite guard
 mid-epoch checkpoint work as for one seed. Early stopping is per run and so
 not offered here; the figures are those after the last epoch.
 """
-import dataclasses
 from typing import Dict, Optional
 
 import jax

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, engine, optim, parallel, xla
+from jdl import checkpoint, engine, ops, optim, parallel, xla
 from jdl.config import option
 from jdl.core import PRNG_IMPL, apply_if_finite
 from jdl.errors import CheckpointError, ConfigError, DataError
@@ -227,7 +227,8 @@ def bigram_bits_per_char(train: np.ndarray, val: np.ndarray, vocab_size: int,
 def build_model(config: TextConfig, vocab_size: int) -> LanguageModel:
   return LanguageModel(vocab_size=vocab_size, embed_dim=config.embed_dim,
                        hidden_size=config.hidden_size, num_layers=config.num_layers,
-                       dropout=config.dropout, implementation=config.rnn_implementation)
+                       dropout=config.dropout, implementation=config.rnn_implementation,
+                       **ops.choices(LanguageModel))
 
 
 def create_state(model: LanguageModel, config: TextConfig, key) -> train_state.TrainState:

@@ -8,12 +8,14 @@ steps got faster (2-core CPU, in-process interleaved A/B, BUILD_NOTES.md
 issue 6, session 14): that conv's forward 2.8 -> 1.8 ms, its kernel
 gradient 4.0 -> 2.2 ms; training steps dcgan 2-9% faster, fastnet (batch
 64) 18%, resnet18 (batch 32) 17%, vgg 2-3%; the cnn (then with one XLA
-convolution less, see `layers.Conv`) and the recurrent models unchanged.
+convolution less, see `jdl.ops.conv.Conv`) and the recurrent models unchanged.
 Dots and reductions stay on YNNPACK, as by default.
 
 The option is experimental in XLA, so `compiler_options` first checks that
 this jaxlib accepts it (one tiny compile per process) and is empty where it
-does not, or off the CPU.
+does not, or off the CPU. It is the `xla_options` CPU kernel (`jdl.ops`):
+the entrypoints turn it on (`enable()`, unless $JDL_CPU_KERNELS leaves it out);
+a library user who wants it calls `jdl.xla.enable()`.
 """
 import functools
 from typing import Any, Callable, Dict
@@ -27,6 +29,15 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+_ENABLED = False  # set by `enable()`
+
+
+def enable(on: bool = True) -> None:
+  """Compile jdl's steps with `CPU_OPTIONS` from now on (on the CPU backend)."""
+  global _ENABLED
+  _ENABLED = on
+
+
 @functools.lru_cache(maxsize=None)
 def _accepted_cpu_options() -> tuple:
   try:
@@ -38,8 +49,8 @@ def _accepted_cpu_options() -> tuple:
 
 
 def compiler_options() -> Dict[str, str]:
-  """The options jdl compiles its steps with on this backend ({} off the CPU)."""
-  if jax.default_backend() != "cpu":
+  """The options jdl compiles its steps with ({} unless enabled, and off the CPU)."""
+  if not _ENABLED or jax.default_backend() != "cpu":
     return {}
   return dict(_accepted_cpu_options())
 

@@ -18,3 +18,15 @@ os.environ["JDL_DATA_MIRROR"] = "http://127.0.0.1:9/"  # Dead port: data downloa
 from jdl.cli import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache(CACHE_DIR)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _library_defaults():
+  """Entrypoints called in-process (jdl.cli.call) turn on jdl.xla's compile
+  options, as for a real run; later tests see the library's defaults again."""
+  yield
+  from jdl import xla
+  xla.enable(False)

@@ -1,4 +1,9 @@
-"""The GAN, text, colorization and many-seeds loops on 1 and on 8 simulated CPU devices.
+"""The GAN, LSTM-classifier and many-seeds tasks on 1 and on 8 simulated CPU devices.
+
+(Every task shards its batch the same way, through `parallel.shard_batch` in
+its step; the GAN has BatchNorm in two networks, the LSTM splits its loops
+over the devices, the seeds spread replicas. The text model trains on two
+processes in test_parallel.py; colorization shards like the GAN.)
 
 Run by tests/test_parallel.py in a subprocess, because the device count is
 fixed when JAX starts: python tests/parallel_loops_driver.py WORKDIR
@@ -17,15 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import jax  # noqa: E402
 
-from jdl import cli, colorize, gan, parallel, seeds as seeds_lib, text, train  # noqa: E402
+from jdl import cli, gan, parallel, seeds as seeds_lib, train  # noqa: E402
 from jdl.config import TrainConfig  # noqa: E402
 from jdl.data import load_dataset  # noqa: E402
 from jdl.errors import ConfigError  # noqa: E402
 from jdl.logs import read_jsonl  # noqa: E402
-from jdl.models import rnn  # noqa: E402
+from jdl.ops import recurrence  # noqa: E402
 from jdl.seeds import replica_mesh  # noqa: E402
 
-RHYME = "the cat sat on the mat; the dog sat on the log.\n" * 40
 SHARDED = []  # (shape, device count) of each batch array the traced steps split over devices
 _shard_batch = parallel.shard_batch
 
@@ -38,15 +42,16 @@ def recording_shard_batch(tree, batch_sharding):
 
 parallel.shard_batch = recording_shard_batch  # the loops call it as parallel.shard_batch
 SPLITS = []  # (batch, data-axis devices) of each recurrent layer traced
-_split_over_data_devices = rnn._split_over_data_devices
+_split_over_devices = recurrence.split_over_devices
 
 
-def recording_split_over_data_devices(recurrence, x, valid, weights):
+def recording_split_over_devices(fn, x, valid, weights):
   SPLITS.append((x.shape[1], parallel.context_data_devices()))  # x: (T, B, F)
-  return _split_over_data_devices(recurrence, x, valid, weights)
+  return _split_over_devices(fn, x, valid, weights)
 
 
-rnn._split_over_data_devices = recording_split_over_data_devices  # RecurrentLayer calls it so
+# jdl.ops.choices gives it to the recurrent layers (the loops_per_device kernel).
+recurrence.split_over_devices = recording_split_over_devices
 
 
 def run_both(name, fit, config_for, workdir):
@@ -82,7 +87,8 @@ def recurrences_split_over_devices():
   lengths = jnp.asarray(rng.integers(0, 8, 16), jnp.int32)  # 0 (empty) to 7 (full)
   report = {}
   for cell in ("lstm", "gru", "rnn"):
-    model = RNN(cell=cell, hidden_size=6, num_layers=2, bidirectional=True)
+    model = RNN(cell=cell, hidden_size=6, num_layers=2, bidirectional=True,
+                loop_runner=recurrence.split_over_devices)
     params = model.init(jax.random.key(0), x)["params"]
     for with_lengths in (False, True):
       args = (x, lengths) if with_lengths else (x,)
@@ -121,21 +127,6 @@ def main(workdir):
                          batch_size=batch_size, epochs=1, workdir=run_dir,
                          classifier_workdir=os.path.join(scorer_dir, "classifier"))
   report["gan"] = run_both("gan", lambda c, **kw: gan.fit(c, shapes, **kw), gan_config, workdir)
-
-  rhyme = os.path.join(workdir, "rhyme.txt")
-  with open(rhyme, "w", encoding="utf-8") as f:
-    f.write(RHYME)
-
-  def text_config(run_dir, batch_size=8):
-    return text.TextConfig(text_file=rhyme, workdir=run_dir, embed_dim=8, hidden_size=16,
-                           num_layers=1, dropout=0.0, seq_len=16, batch_size=batch_size, steps=6,
-                           eval_every=3, sample_length=20, log_every=2)
-  report["text"] = run_both("text", text.fit, text_config, workdir)
-
-  def colorize_config(run_dir, batch_size=16):
-    return colorize.ColorizeConfig(width=8, batch_size=batch_size, epochs=2, workdir=run_dir)
-  report["colorize"] = run_both("colorize", lambda c, **kw: colorize.fit(c, shapes, **kw),
-                                colorize_config, workdir)
 
   # train.fit with an LSTM (experiments.sequence's loop): 160 MNIST-1D sequences.
   mnist1d = load_dataset("mnist1d")

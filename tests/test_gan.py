@@ -188,7 +188,7 @@ def test_discriminator_logits_shape(shape):
 def test_summary_of_generator_and_discriminator():
   g = Generator(image_shape=(32, 32, 3), base_width=16, num_classes=4)
   table = str(summarize(g, (Z,), call_kwargs={'labels': jnp.zeros((1,), jnp.int32)}))
-  assert 'deconv3 (ConvTranspose2x)' in table and '(None, 32, 32, 3)' in table
+  assert 'deconv3 (ConvTranspose)' in table and '(None, 32, 32, 3)' in table
   table = str(summarize(Discriminator(base_width=8), (32, 32, 3)))
   assert 'head (Dense)' in table and '(None, 1)' in table
 
@@ -462,11 +462,12 @@ def test_acgan_class_head_and_its_loss_terms(shapes_batch):
 @pytest.mark.parametrize('kernel_size', [2, 3, 4, 5])
 @pytest.mark.parametrize('height, width', [(1, 1), (4, 7)])
 def test_conv_transpose_2x_equals_flax_conv_transpose(kernel_size, height, width):
-  """The decoder's sub-pixel transposed convolution: same init, outputs and gradients."""
-  from jdl.models.layers import ConvTranspose2x
+  """The CPU's stand-in for the decoder's transposed convolution (jdl.ops'
+  conv_transpose kernel): same init, outputs and gradients as Flax's."""
+  from jdl.ops.conv import ConvTranspose
   x = jax.random.normal(key(3), (2, height, width, 3))
   flax_layer = nn.ConvTranspose(5, (kernel_size, kernel_size), strides=(2, 2), padding='SAME')
-  layer = ConvTranspose2x(5, kernel_size)
+  layer = ConvTranspose(5, (kernel_size, kernel_size), strides=(2, 2), padding='SAME')
   variables = flax_layer.init(key(0), x)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(layer.init(key(0), x))):
     np.testing.assert_array_equal(a, b)

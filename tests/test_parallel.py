@@ -24,7 +24,7 @@ def test_eight_devices_reach_the_parameters_of_one(tmp_path):
   assert "batch_size 12 does not split evenly over 8 devices" in report["uneven_batch_error"]
 
 
-def test_gan_text_colorize_sequence_and_seeds_loops_use_all_devices_and_train_like_one(tmp_path):
+def test_gan_sequence_and_seeds_tasks_use_all_devices_and_train_like_one(tmp_path):
   import numpy as np
   out = subprocess.run([sys.executable, "tests/parallel_loops_driver.py", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
@@ -39,8 +39,6 @@ def test_gan_text_colorize_sequence_and_seeds_loops_use_all_devices_and_train_li
     assert run["max_abs_diff"] <= 1e-6 * run["max_abs"], (name, run)
   # Per loop: the arrays each traced step splits over the 8 devices (batch first).
   batches = {"gan": [[32, 32, 32, 3], [32]],  # images, labels
-             "text": [[8, 17]],  # windows of seq_len + 1 characters
-             "colorize": [[16, 32, 32, 3]],
              # train.fit: MNIST-1D sequences and labels; eval batches (40 test
              # sequences: inputs, labels, mask) too.
              "sequence": [[16, 40, 1], [16], [40, 40, 1], [40]]}
@@ -56,7 +54,7 @@ def test_gan_text_colorize_sequence_and_seeds_loops_use_all_devices_and_train_li
     # training steps, and of train.fit's evaluation batches of 40.
     split = {(b, n) for b, n in run["eight_recurrent_splits"]}
     assert {n for _, n in run["one_recurrent_splits"]} <= {1}, (loop, run)
-    expected = {"text": {(8, 8)}, "sequence": {(16, 8), (40, 8)}}.get(loop, set())
+    expected = {"sequence": {(16, 8), (40, 8)}}.get(loop, set())
     assert expected <= split and (expected or not split), (loop, split)
     # Every logged metric (losses, gradient norms, D outputs, Fréchet distance,
     # bits/char, MSEs) as on one device, up to float summation order.

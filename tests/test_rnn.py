@@ -531,10 +531,14 @@ def plain_lstm_scan(xs, w_h, valid):
 
 
 @pytest.mark.parametrize('masked', [False, True])
-def test_lstm_layer_vjp_equals_autodiff_of_the_plain_scan(masked):
-  """Every gradient entry of the custom VJP (inputs, both kernels, the bias),
-  against jax.grad of the input projection and a plain scan."""
-  from jdl.models.lstm_layer import lstm_layer
+@pytest.mark.parametrize('loop', ['ops.lstm_layer', 'rnn.lstm_scan'])
+def test_lstm_loops_equal_autodiff_of_the_plain_scan(masked, loop):
+  """Every output and gradient entry (inputs, both kernels, the bias) of the
+  CPU kernel's hand-written VJP and of the models' plain loop, against jax.grad
+  of the input projection and this file's plain scan."""
+  from jdl.models import rnn
+  from jdl.ops.recurrence import lstm_layer
+  lstm_layer = lstm_layer if loop == 'ops.lstm_layer' else rnn.lstm_scan
   steps, batch, features, hidden = 6, 4, 3, 5
   rng = np.random.RandomState(7)
   x = jnp.asarray(rng.randn(steps, batch, features), jnp.float32)

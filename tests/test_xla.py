@@ -4,14 +4,22 @@ import numpy as np
 import pytest
 
 from jdl import xla
-from jdl.models import layers
+from jdl.ops import conv as ops_conv
 
 
 def _conv(x, kernel):
-  return layers._conv_nhwc(x, kernel, (2, 2), layers._PAD_1)
+  return ops_conv._conv_nhwc(x, kernel, (2, 2), ops_conv._PAD_1)
 
 
-def test_cpu_convolutions_leave_ynnpack_with_equal_values():
+@pytest.fixture
+def enabled():
+  """The options as the entrypoints turn them on (jdl.cli; off for library users)."""
+  xla.enable()
+  yield
+  xla.enable(False)
+
+
+def test_cpu_convolutions_leave_ynnpack_with_equal_values(enabled):
   if not xla.compiler_options():
     pytest.skip('this jaxlib does not accept the option (compiler_options() is empty)')
   assert xla.compiler_options() == xla.CPU_OPTIONS

@@ -5,7 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jdl import engine, parallel
+from jdl import engine, ops, parallel
 from jdl.core import PRNG_IMPL
 from jdl.data import pipeline
 from jdl.errors import ConfigError
@@ -58,10 +58,11 @@ def fit(config: GANConfig, dataset=None, *, devices=None, progress: bool = True,
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training set ({len(labels)} images)")
   num_classes = dataset.num_classes if config.conditional else 0
   generator = Generator(tuple(dataset.input_shape), config.g_width, num_classes=num_classes,
-                        conditioning=config.g_conditioning)
+                        conditioning=config.g_conditioning, **ops.choices(Generator))
   discriminator = Discriminator(config.d_width, num_classes=num_classes,
                                 conditioning=config.d_conditioning,
-                                class_head=bool(num_classes and config.class_loss_weight > 0))
+                                class_head=bool(num_classes and config.class_loss_weight > 0),
+                                **ops.choices(Discriminator))
   workdir = config.workdir or engine.default_workdir("gan", config.dataset, seed=config.seed)
   record = {"task": "gan", **dataclasses.asdict(config), "input_shape": list(dataset.input_shape)}
   with engine.workdir(workdir, record) as record:

@@ -72,7 +72,8 @@ def build_model(name: str, **overrides) -> nn.Module:
   """Constructs the model registered as `name`, with fields overridden.
 
   Lists become tuples, so a config or flag value like [64, 128] keeps the module
-  hashable.
+  hashable. On the CPU the model gets jdl's CPU kernels for its conv, pool and
+  recurrence fields (`jdl.ops.choices`; an override of such a field wins).
 
   Arguments:
     name: a registered model name, see `MODELS.names()`.
@@ -88,7 +89,8 @@ def build_model(name: str, **overrides) -> nn.Module:
       raise ConfigError(f"model {name!r} has no field {key!r}; "
                         f"its fields: {', '.join(sorted(fields))}")
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-  return ctor(**overrides)
+  from jdl import ops
+  return ctor(**{**ops.choices(ctor), **overrides})
 
 
 __all__ = [

@@ -34,6 +34,9 @@ class CNN(nn.Module):
     dtype: compute dtype; parameters stay float32, logits come back float32.
     cut_at: stop after this named feature and return (None, features); the
       layers after it are never created (transfer learning). None: whole model.
+    conv, max_pool: the convolution and max-pooling layers: `nn.Conv` and
+      `layers.MaxPool`, or stand-ins with their fields (`jdl.ops.choices`
+      gives the CPU's).
   """
   filters: Sequence[int] = (16, 32, 64)
   kernel_size: int = 2
@@ -44,6 +47,8 @@ class CNN(nn.Module):
   head_dropout: float = 0.4
   dtype: Any = jnp.float32
   cut_at: Optional[str] = None
+  conv: Any = nn.Conv
+  max_pool: Any = layers.MaxPool
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -57,9 +62,9 @@ class CNN(nn.Module):
     k = self.kernel_size
     features = {}
     for i, width in enumerate(self.filters):
-      x = layers.Conv(width, (k, k), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
+      x = self.conv(width, (k, k), padding='SAME', dtype=self.dtype, name=f'conv{i + 1}')(x)
       x = act(x)
-      x = layers.MaxPool(2, name=f'pool{i + 1}')(x)  # (B, H/2, W/2, width)
+      x = self.max_pool(2, name=f'pool{i + 1}')(x)  # (B, H/2, W/2, width)
       features[f'block{i + 1}'] = x
       if self.cut_at == f'block{i + 1}':
         return None, features
@@ -89,12 +94,17 @@ class LeNet5(nn.Module):
     dtype: compute dtype; parameters stay float32, logits come back float32.
     cut_at: stop after this named feature and return (None, features); the
       layers after it are never created (transfer learning). None: whole model.
+    conv, max_pool: the convolution and max-pooling layers: `nn.Conv` and
+      `layers.MaxPool`, or stand-ins with their fields (`jdl.ops.choices`
+      gives the CPU's).
   """
   num_classes: int = 10
   activation: str = 'relu'
   pool: str = 'max'
   dtype: Any = jnp.float32
   cut_at: Optional[str] = None
+  conv: Any = nn.Conv
+  max_pool: Any = layers.MaxPool
 
   def __post_init__(self):
     if self.pool not in ('max', 'avg'):
@@ -111,14 +121,14 @@ class LeNet5(nn.Module):
     """
     del train
     act = activations.get(self.activation)
-    pool = layers.MaxPool if self.pool == 'max' else layers.AvgPool
+    pool = self.max_pool if self.pool == 'max' else layers.AvgPool
     features = {}
-    x = act(layers.Conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='conv1')(x))
+    x = act(self.conv(6, (5, 5), padding='VALID', dtype=self.dtype, name='conv1')(x))
     x = pool(2, name='pool1')(x)  # 32x32 -> 28x28 -> (B, 14, 14, 6)
     features['block1'] = x
     if self.cut_at == 'block1':
       return None, features
-    x = act(layers.Conv(16, (5, 5), padding='VALID', dtype=self.dtype, name='conv2')(x))
+    x = act(self.conv(16, (5, 5), padding='VALID', dtype=self.dtype, name='conv2')(x))
     x = pool(2, name='pool2')(x)  # 14x14 -> 10x10 -> (B, 5, 5, 16)
     features['block2'] = x
     if self.cut_at == 'block2':

@@ -44,7 +44,6 @@ import jax.numpy as jnp
 
 from jdl import activations
 from jdl.errors import ConfigError
-from jdl.models.layers import Conv, ConvTranspose2x
 
 KERNEL_INIT = nn.initializers.normal(0.02)  # DCGAN: all weights from N(0, 0.02)
 MIN_BASE = 3  # smallest side of the decoder's first feature map
@@ -193,6 +192,8 @@ class Decoder(nn.Module):
     num_classes: 0, or the number of labels of a class-conditional decoder
       (every BatchNorm becomes a `ClassBatchNorm`).
     dtype: compute dtype; parameters stay float32, images come back float32.
+    conv_transpose: the transposed-convolution layer: `nn.ConvTranspose`, or a
+      stand-in with its fields (`jdl.ops.choices` gives the CPU's).
   """
   image_shape: Sequence[int] = (32, 32, 3)
   base_width: int = 256
@@ -201,6 +202,7 @@ class Decoder(nn.Module):
   output_activation: str = 'tanh'
   num_classes: int = 0
   dtype: Any = jnp.float32
+  conv_transpose: Any = nn.ConvTranspose
 
   def __post_init__(self):
     upsampling_plan(self.image_shape, self.base_width)  # ConfigError at construction
@@ -235,14 +237,15 @@ class Decoder(nn.Module):
                  dtype=self.dtype, name='project')(x)
     x = x.reshape(-1, base_h, base_w, self.base_width)  # (B, h, w, base_width)
     x = act(batch_norm(x, 'project_bn'))
+    k = (self.kernel_size, self.kernel_size)
     for i in range(1, n):
-      # ConvTranspose2x: nn.ConvTranspose(k, stride 2, SAME) with a faster gradient on CPU.
-      x = ConvTranspose2x(self.base_width // 2 ** i, self.kernel_size, use_bias=False,
-                          kernel_init=KERNEL_INIT, dtype=self.dtype,
-                          name=f'deconv{i}')(x)  # (B, h * 2**i, w * 2**i, base_width / 2**i)
+      x = self.conv_transpose(self.base_width // 2 ** i, k, strides=(2, 2), padding='SAME',
+                              use_bias=False, kernel_init=KERNEL_INIT, dtype=self.dtype,
+                              name=f'deconv{i}')(x)  # (B, h * 2**i, w * 2**i, base_width / 2**i)
       x = act(batch_norm(x, f'bn{i}'))
-    x = ConvTranspose2x(self.image_shape[-1], self.kernel_size, kernel_init=KERNEL_INIT,
-                        dtype=self.dtype, name=f'deconv{n}')(x)  # (B, H, W, C)
+    x = self.conv_transpose(self.image_shape[-1], k, strides=(2, 2), padding='SAME',
+                            kernel_init=KERNEL_INIT, dtype=self.dtype,
+                            name=f'deconv{n}')(x)  # (B, H, W, C)
     return activations.get(self.output_activation)(x.astype(jnp.float32))
 
 
@@ -266,6 +269,7 @@ class Generator(nn.Module):
       (`ClassBatchNorm`, as in Miyato & Koyama 2018 and BigGAN).
     kernel_size: transposed-conv kernel side.
     dtype: compute dtype; parameters stay float32, images come back float32.
+    conv_transpose: as in `Decoder`.
   """
   image_shape: Sequence[int] = (32, 32, 3)
   base_width: int = 256
@@ -273,6 +277,7 @@ class Generator(nn.Module):
   conditioning: str = 'concat'
   kernel_size: int = 4
   dtype: Any = jnp.float32
+  conv_transpose: Any = nn.ConvTranspose
 
   def __post_init__(self):
     upsampling_plan(self.image_shape, self.base_width)  # ConfigError at construction
@@ -308,7 +313,8 @@ class Generator(nn.Module):
     return Decoder(image_shape=tuple(self.image_shape), base_width=self.base_width,
                    kernel_size=self.kernel_size, activation='relu', output_activation='tanh',
                    num_classes=self.num_classes if decoder_labels is not None else 0,
-                   dtype=self.dtype, name='decoder')(z, decoder_labels, train=train)
+                   dtype=self.dtype, conv_transpose=self.conv_transpose,
+                   name='decoder')(z, decoder_labels, train=train)
 
 
 class Discriminator(nn.Module):
@@ -336,6 +342,8 @@ class Discriminator(nn.Module):
       image's alone.
     negative_slope: of the LeakyReLU.
     dtype: compute dtype; parameters stay float32, logits come back float32.
+    conv: the convolution layer: `nn.Conv`, or a stand-in with its fields
+      (`jdl.ops.choices` gives the CPU's).
   """
   base_width: int = 64
   num_classes: int = 0
@@ -343,6 +351,7 @@ class Discriminator(nn.Module):
   class_head: bool = False
   negative_slope: float = 0.2
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, images, labels: Optional[jax.Array] = None, *, train: bool = False):
@@ -377,9 +386,9 @@ class Discriminator(nn.Module):
       raise ConfigError('unconditional discriminator (num_classes=0) takes no labels')
     side, i = max(x.shape[1:3]), 0
     while i == 0 or side > 4:
-      x = Conv(self.base_width * 2 ** i, (4, 4), strides=(2, 2), padding='SAME',
-               use_bias=i == 0, kernel_init=KERNEL_INIT, dtype=self.dtype,
-               name=f'conv{i + 1}')(x)  # (B, ceil(H / 2**(i+1)), ..., base_width * 2**i)
+      x = self.conv(self.base_width * 2 ** i, (4, 4), strides=(2, 2), padding='SAME',
+                    use_bias=i == 0, kernel_init=KERNEL_INIT, dtype=self.dtype,
+                    name=f'conv{i + 1}')(x)  # (B, ceil(H / 2**(i+1)), ..., base_width * 2**i)
       if i > 0:
         x = _batch_norm(train, self.dtype, f'bn{i + 1}')(x)
       x = nn.leaky_relu(x, self.negative_slope)

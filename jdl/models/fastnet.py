@@ -32,11 +32,16 @@ class ConvGroup(nn.Module):
     activation: activation name.
     bn_momentum: Flax BatchNorm momentum (weight of the old running value).
     dtype: compute dtype.
+    conv, max_pool: the convolution and max-pooling layers: `nn.Conv` and
+      `layers.MaxPool`, or stand-ins with their fields (`jdl.ops.choices`
+      gives the CPU's).
   """
   width: int
   activation: str = 'gelu'
   bn_momentum: float = 0.4
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
+  max_pool: Any = layers.MaxPool
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # (B, H, W, Cin) -> (B, H/2, W/2, width)
@@ -44,12 +49,12 @@ class ConvGroup(nn.Module):
     bn = lambda name: nn.BatchNorm(
         use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-12,
         use_scale=False, dtype=self.dtype, name=name)
-    x = layers.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
-                    name='conv1')(x)
-    x = layers.MaxPool(2, name='pool')(x)  # pooling before BN: 4x cheaper statistics
+    x = self.conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                  name='conv1')(x)
+    x = self.max_pool(2, name='pool')(x)  # pooling before BN: 4x cheaper statistics
     x = act(bn('bn1')(x))
-    x = layers.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
-                    name='conv2')(x)
+    x = self.conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                  name='conv2')(x)
     return act(bn('bn2')(x))
 
 
@@ -68,6 +73,9 @@ class FastNet(nn.Module):
     dtype: compute dtype; parameters stay float32, logits come back float32.
     cut_at: stop after this named feature and return (None, features); the
       layers after it are never created (transfer learning). None: whole model.
+    conv, max_pool: the convolution and max-pooling layers: `nn.Conv` and
+      `layers.MaxPool`, or stand-ins with their fields (`jdl.ops.choices`
+      gives the CPU's).
   """
   widths: Sequence[int] = (64, 256, 256)
   whiten_width: int = 24
@@ -77,6 +85,8 @@ class FastNet(nn.Module):
   bn_momentum: float = 0.4
   dtype: Any = jnp.float32
   cut_at: Optional[str] = None
+  conv: Any = nn.Conv
+  max_pool: Any = layers.MaxPool
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -88,15 +98,16 @@ class FastNet(nn.Module):
     """
     act = activations.get(self.activation)
     features = {}
-    x = layers.Conv(self.whiten_width, (2, 2), padding='VALID', dtype=self.dtype,
-                    name='whiten')(x)  # (B, H-1, W-1, whiten_width)
+    x = self.conv(self.whiten_width, (2, 2), padding='VALID', dtype=self.dtype,
+                  name='whiten')(x)  # (B, H-1, W-1, whiten_width)
     x = act(x)
     features['stem'] = x
     if self.cut_at == 'stem':
       return None, features
     for i, width in enumerate(self.widths):
       x = ConvGroup(width, activation=self.activation, bn_momentum=self.bn_momentum,
-                    dtype=self.dtype, name=f'group{i + 1}')(x, train)
+                    dtype=self.dtype, conv=self.conv, max_pool=self.max_pool,
+                    name=f'group{i + 1}')(x, train)
       features[f'group{i + 1}'] = x
       if self.cut_at == f'group{i + 1}':
         return None, features

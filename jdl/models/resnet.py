@@ -30,12 +30,12 @@ from jdl.models import layers
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features, kernel, strides, dtype, name):
-  """Bias-free conv with torch padding k // 2 on every side."""
+def _conv(conv, features, kernel, strides, dtype, name):
+  """Bias-free `conv` layer (kernel x kernel) with torch padding k // 2 on every side."""
   pad = kernel // 2
-  return layers.Conv(features, kernel, strides=strides,
-                     padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                     kernel_init=conv_init, name=name)
+  return conv(features, (kernel, kernel), strides=(strides, strides),
+              padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+              kernel_init=conv_init, name=name)
 
 
 def _bn(train, dtype, name):
@@ -52,21 +52,23 @@ class BasicBlock(nn.Module):
     strides: stride of the first conv and of the projection.
     activation: activation name.
     dtype: compute dtype.
+    conv: the convolution layer (`nn.Conv` or a stand-in with its fields).
   """
   filters: int
   strides: int = 1
   activation: str = 'relu'
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
   expansion = 1  # output channels / filters (a class constant, not a field)
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # (B, H, W, Cin) -> (B, H/s, W/s, filters)
     act = activations.get(self.activation)
-    y = _conv(self.filters, 3, self.strides, self.dtype, 'conv1')(x)
+    y = _conv(self.conv, self.filters, 3, self.strides, self.dtype, 'conv1')(x)
     y = act(_bn(train, self.dtype, 'bn1')(y))
-    y = _conv(self.filters, 3, 1, self.dtype, 'conv2')(y)
+    y = _conv(self.conv, self.filters, 3, 1, self.dtype, 'conv2')(y)
     y = _bn(train, self.dtype, 'bn2')(y)
-    return act(y + _shortcut(x, self.filters, self.strides, train, self.dtype))
+    return act(y + _shortcut(self.conv, x, self.filters, self.strides, train, self.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -77,29 +79,32 @@ class Bottleneck(nn.Module):
     strides: stride of the 3x3 conv and of the projection.
     activation: activation name.
     dtype: compute dtype.
+    conv: the convolution layer (`nn.Conv` or a stand-in with its fields).
   """
   filters: int
   strides: int = 1
   activation: str = 'relu'
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # -> (B, H/s, W/s, 4 * filters)
     act = activations.get(self.activation)
-    y = act(_bn(train, self.dtype, 'bn1')(_conv(self.filters, 1, 1, self.dtype, 'conv1')(x)))
-    y = _conv(self.filters, 3, self.strides, self.dtype, 'conv2')(y)
+    conv = self.conv
+    y = act(_bn(train, self.dtype, 'bn1')(_conv(conv, self.filters, 1, 1, self.dtype, 'conv1')(x)))
+    y = _conv(conv, self.filters, 3, self.strides, self.dtype, 'conv2')(y)
     y = act(_bn(train, self.dtype, 'bn2')(y))
-    y = _conv(self.filters * 4, 1, 1, self.dtype, 'conv3')(y)
+    y = _conv(conv, self.filters * 4, 1, 1, self.dtype, 'conv3')(y)
     y = _bn(train, self.dtype, 'bn3')(y)
-    return act(y + _shortcut(x, self.filters * 4, self.strides, train, self.dtype))
+    return act(y + _shortcut(conv, x, self.filters * 4, self.strides, train, self.dtype))
 
 
-def _shortcut(x, out_channels, strides, train, dtype):
+def _shortcut(conv, x, out_channels, strides, train, dtype):
   """Identity, or 1x1 conv + BN when the shape changes (called inside a block)."""
   if strides == 1 and x.shape[-1] == out_channels:
     return x
-  x = _conv(out_channels, 1, strides, dtype, 'downsample_conv')(x)
+  x = _conv(conv, out_channels, 1, strides, dtype, 'downsample_conv')(x)
   return _bn(train, dtype, 'downsample_bn')(x)
 
 
@@ -124,6 +129,9 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters stay float32, logits come back float32.
     cut_at: stop after this named feature and return (None, features); the
       layers after it are never created (transfer learning). None: whole model.
+    conv, max_pool: the convolution and max-pooling layers: `nn.Conv` and
+      `layers.MaxPool`, or stand-ins with their fields (`jdl.ops.choices`
+      gives the CPU's).
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -133,6 +141,8 @@ class ResNet(nn.Module):
   activation: str = 'relu'
   dtype: Any = jnp.float32
   cut_at: Optional[str] = None
+  conv: Any = nn.Conv
+  max_pool: Any = layers.MaxPool
 
   def __post_init__(self):
     if self.block not in BLOCKS:
@@ -156,17 +166,17 @@ class ResNet(nn.Module):
     """
     act = activations.get(self.activation)
     block_cls = functools.partial(BLOCKS[self.block], activation=self.activation,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, conv=self.conv)
     features = {}
 
     # Stem.
     if self.stem == 'cifar':
-      x = _conv(self.widths[0], 3, 1, self.dtype, 'conv1')(x)  # (B, H, W, w0)
+      x = _conv(self.conv, self.widths[0], 3, 1, self.dtype, 'conv1')(x)  # (B, H, W, w0)
       x = act(_bn(train, self.dtype, 'bn1')(x))
     else:
-      x = _conv(self.widths[0], 7, 2, self.dtype, 'conv1')(x)  # (B, H/2, W/2, w0)
+      x = _conv(self.conv, self.widths[0], 7, 2, self.dtype, 'conv1')(x)  # (B, H/2, W/2, w0)
       x = act(_bn(train, self.dtype, 'bn1')(x))
-      x = layers.MaxPool(3, 2, ((1, 1), (1, 1)), name='maxpool')(x)  # (B, H/4, W/4, w0)
+      x = self.max_pool(3, 2, ((1, 1), (1, 1)), name='maxpool')(x)  # (B, H/4, W/4, w0)
     features['stem'] = x
     if self.cut_at == 'stem':
       return None, features

@@ -26,23 +26,23 @@ per-gate slices named by suffix:
            h' = (1 - z) * n + z * h                             gates h W_hn + b_hn)
 
 Speed: x W_i + b_i for all time steps is one (B*T, F) @ (F, G*H) matmul before
-the scan; each scan step only computes h W_h (the LSTM's gradient is written
-out by hand: `jdl.models.lstm_layer`). Compute runs in `dtype` (the carry
-too), parameters stay float32.
+the scan; each scan step only computes h W_h. Compute runs in `dtype` (the
+carry too), parameters stay float32. Two fields take the CPU's faster
+stand-ins (`jdl.ops.choices` gives them on the CPU): `lstm_loop` (an LSTM
+layer with a hand-written gradient) and `loop_runner` (one loop per device).
 
 Init (Keras' defaults): input_kernel glorot-uniform, recurrent_kernel orthogonal
 (the whole (H, G*H) matrix), biases zero, except the LSTM forget-gate slice of
 input_bias, which is 1.0 (Keras' unit_forget_bias) so that the cell keeps its
 state early in training. PyTorch instead draws everything from U(-1/sqrt(H), 1/sqrt(H)).
 
-Data parallel: inside `jax.set_mesh(mesh)` with a 'data' axis of n > 1
-devices (the training loops set it, see jdl.parallel), each layer's
+Data parallel: the loops trace their steps inside `jax.set_mesh(mesh)` with a
+'data' axis (see jdl.parallel). With `loop_runner=run_loop` XLA partitions
+each layer's scan itself; with `jdl.ops.recurrence.split_over_devices` the
 recurrence is a `shard_map` over that axis: every device runs the scan of its
-1/n of the batch, and the weight gradients are summed across devices. XLA's
-automatic partitioner, given the same loop, gathered the (T, B, 4H) arrays
-onto every device instead; and XLA:CPU runs a loop body on one thread, so n
-CPU devices (`--cpu_devices`, by default one per core for recurrent models)
-are how an LSTM uses n cores.
+1/n of the batch, and the weight gradients are summed across devices. XLA:CPU
+runs a loop body on one thread, so n CPU devices (`--cpu_devices`, by default
+one per core for recurrent models) are how an LSTM uses n cores.
 
 Implementation: 'scan' (default, any backend) or, for LSTMs on a CUDA GPU,
 'cudnn': each layer and direction is one `jax.experimental.rnn.lstm` call (the
@@ -62,9 +62,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl import activations, parallel
+from jdl import activations
 from jdl.errors import ConfigError
-from jdl.models.lstm_layer import lstm_layer
 
 # Gate blocks per cell, in PyTorch's order along the G*H axis.
 GATES = {'rnn': 1, 'lstm': 4, 'gru': 3}
@@ -149,7 +148,8 @@ def _lstm_bias_init(hidden_size: int):
 # The rnn and gru steps take the carry h, the step's input projection
 # xp = x W_i + b_i (B, G*H), W_h (H, G*H) and b_h (1, G*H), and return the new
 # h; their gradients are JAX's autodiff of the scan. The LSTM's recurrence is
-# `lstm_layer` (jdl/models/lstm_layer.py), with a hand-written VJP.
+# a field of the layer (`lstm_loop`: `lstm_scan`, or on the CPU
+# `jdl.ops.recurrence.lstm_layer` with a hand-written VJP).
 
 
 def _rnn_step(act: Callable, h, xp, w_h, b_h):
@@ -165,29 +165,43 @@ def _gru_step(h, xp, w_h, b_h):
   return (1 - z) * n + z * h
 
 
-def _split_over_data_devices(recurrence, x, valid, weights):
-  """recurrence(x, valid, *weights) -> (ys, carry), batch-split over the context mesh.
+def run_loop(recurrence, x, valid, weights):
+  """Runs a layer's recurrence(x, valid, *weights) -> (ys, carry) as it is; under a
+  data-parallel mesh XLA partitions it. (`jdl.ops.recurrence.split_over_devices`
+  is the CPU's faster stand-in: one loop per device.)"""
+  return recurrence(x, valid, *weights)
 
-  x: (T, B, F) and valid (None or (T, B, ...)) are split along B over the
-  'data' axis of the mesh set by `jax.set_mesh`, the weights replicated; ys
-  (T, B, H) and the carry ((B, H) or a tuple of them) come back split along
-  B. Without such a mesh (or when B does not split evenly) it is a plain call.
+
+def lstm_scan(x, w_i, b, w_h, valid=None):
+  """One LSTM layer over time from zero state: (outputs (T, B, H), (h, c) final).
+
+  The plain scan, differentiated by JAX (`jdl.ops.recurrence.lstm_layer` is
+  the CPU's faster stand-in, with a hand-written VJP).
+
+  Arguments:
+    x: (T, B, F) inputs.
+    w_i: (F, 4H) input kernel; b: (4H,) both biases summed; w_h: (H, 4H)
+      recurrent kernel; gates i, f, g, o along 4H.
+    valid: None, or (T, B, 1) floats, 1.0 where step t of sequence b counts
+      and 0.0 where the carry is kept and the output is zero.
   """
-  devices = parallel.context_data_devices()
-  if devices == 1 or x.shape[1] % devices:
-    return recurrence(x, valid, *weights)
-  time_major = jax.sharding.PartitionSpec(None, parallel.AXIS)  # (T, B, ...) split along B
-  batch_major = jax.sharding.PartitionSpec(parallel.AXIS)  # (B, H) carries
-  if valid is None:
-    fn, args, specs = (lambda x, *w: recurrence(x, None, *w)), (x, *weights), (time_major,)
-  else:
-    fn, args, specs = recurrence, (x, valid, *weights), (time_major, time_major)
-  replicated = (jax.sharding.PartitionSpec(),) * len(weights)
-  # check_vma=False: the scans' zero initial carries are not marked as varying
-  # over the axis; the gradients of the replicated weights are still summed
-  # over devices (tested against the unsplit layer).
-  return jax.shard_map(fn, in_specs=specs + replicated, out_specs=(time_major, batch_major),
-                       check_vma=False)(*args)
+  steps, batch, _ = x.shape
+  hidden = w_h.shape[0]
+  xs = x @ w_i + b[None, None, :]  # (T, B, 4H), all steps at once
+
+  def body(carry, inputs):
+    h, c = carry
+    xp_t, m = inputs
+    i, f, g, o = jnp.split(xp_t + h @ w_h, 4, axis=-1)  # each (B, H)
+    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    if m is None:
+      return (h_new, c_new), h_new
+    return (m * h_new + (1 - m) * h, m * c_new + (1 - m) * c), m * h_new
+
+  zeros = jnp.zeros((batch, hidden), x.dtype)
+  carry, ys = jax.lax.scan(body, (zeros, zeros), (xs, valid))
+  return ys, carry
 
 
 def _reverse_within(x, lengths):
@@ -217,6 +231,9 @@ class RecurrentLayer(nn.Module):
     reverse: run from each sequence's last valid step to its first.
     dtype: compute dtype; parameters stay float32.
     implementation: 'scan', or 'cudnn' (lstm, float32, CUDA GPU only).
+    lstm_loop: the LSTM recurrence, `lstm_scan` or a stand-in with its signature.
+    loop_runner: how the recurrence runs, `run_loop` or a stand-in with its
+      signature (`jdl.ops` chooses the CPU's).
   """
   cell: str = 'lstm'
   hidden_size: int = 128
@@ -224,6 +241,8 @@ class RecurrentLayer(nn.Module):
   reverse: bool = False
   dtype: Any = jnp.float32
   implementation: str = 'scan'
+  lstm_loop: Callable = lstm_scan
+  loop_runner: Callable = run_loop
 
   @nn.compact
   def __call__(self, x, lengths=None):
@@ -261,7 +280,7 @@ class RecurrentLayer(nn.Module):
         valid = valid[..., None].astype(self.dtype)  # (T, B, 1)
 
       def recurrence(x, valid, w_i, w_h, b_i, b_h):
-        return lstm_layer(x, w_i, b_i + b_h, w_h, valid)  # biases summed once
+        return self.lstm_loop(x, w_i, b_i + b_h, w_h, valid)  # biases summed once
     else:
       step = (_gru_step if self.cell == 'gru'
               else lambda h, *a: _rnn_step(activations.get(self.activation), h, *a))
@@ -284,7 +303,7 @@ class RecurrentLayer(nn.Module):
           return jnp.where(keep, new, carry), jnp.where(keep, new, jnp.zeros_like(new))
         carry, ys = jax.lax.scan(body, carry, (xs, valid))
         return ys, carry
-    ys, carry = _split_over_data_devices(recurrence, x, valid, (w_i, w_h, b_i, b_h))
+    ys, carry = self.loop_runner(recurrence, x, valid, (w_i, w_h, b_i, b_h))
 
     ys = jnp.swapaxes(ys, 0, 1)  # (B, T, H)
     if self.reverse:
@@ -327,6 +346,7 @@ class RNN(nn.Module):
     dtype: compute dtype; parameters stay float32.
     implementation: 'scan', or 'cudnn' (lstm, float32, CUDA GPU only): see
       the module docstring.
+    lstm_loop, loop_runner: as in `RecurrentLayer`.
   """
   cell: str = 'lstm'
   hidden_size: int = 128
@@ -337,6 +357,8 @@ class RNN(nn.Module):
   return_sequences: bool = True
   dtype: Any = jnp.float32
   implementation: str = 'scan'
+  lstm_loop: Callable = lstm_scan
+  loop_runner: Callable = run_loop
 
   def __post_init__(self):
     _check_cell(self.cell)
@@ -372,6 +394,7 @@ class RNN(nn.Module):
         y, state = RecurrentLayer(
             cell=self.cell, hidden_size=self.hidden_size, activation=self.activation,
             reverse=reverse, dtype=self.dtype, implementation=self.implementation,
+            lstm_loop=self.lstm_loop, loop_runner=self.loop_runner,
             name=f'layer{layer}' + ('_reverse' if reverse else ''))(x, lengths)
         outputs.append(y)
         final_states.append(state)
@@ -399,7 +422,7 @@ class RNNClassifier(nn.Module):
 
   Arguments:
     cell, hidden_size, num_layers, bidirectional, dropout, activation, dtype,
-      implementation: as in `RNN`.
+      implementation, lstm_loop, loop_runner: as in `RNN`.
     num_classes: number of logits.
   """
   cell: str = 'lstm'
@@ -411,6 +434,8 @@ class RNNClassifier(nn.Module):
   num_classes: int = 10
   dtype: Any = jnp.float32
   implementation: str = 'scan'
+  lstm_loop: Callable = lstm_scan
+  loop_runner: Callable = run_loop
 
   @nn.compact
   def __call__(self, x, lengths=None, *, train: bool = False):
@@ -433,7 +458,7 @@ class RNNClassifier(nn.Module):
         cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
         bidirectional=self.bidirectional, dropout=self.dropout, activation=self.activation,
         return_sequences=True, dtype=self.dtype, implementation=self.implementation,
-        name='rnn')(x, lengths, train=train)
+        lstm_loop=self.lstm_loop, loop_runner=self.loop_runner, name='rnn')(x, lengths, train=train)
     last = last_state(states, self.cell, self.bidirectional)  # (B, D*H)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(last)
     return logits.astype(jnp.float32), {'pre_logits': last, 'sequence': outputs}
@@ -447,9 +472,9 @@ class LanguageModel(nn.Module):
   Arguments:
     vocab_size: number of token ids.
     embed_dim: embedding width.
-    cell, hidden_size, num_layers, dropout, dtype, implementation: as in `RNN`
-      (unidirectional: a language model must not read ahead). Dropout also
-      applies to the top layer's outputs, before the head.
+    cell, hidden_size, num_layers, dropout, dtype, implementation, lstm_loop,
+      loop_runner: as in `RNN` (unidirectional: a language model must not read
+      ahead). Dropout also applies to the top layer's outputs, before the head.
   """
   vocab_size: int
   embed_dim: int = 64
@@ -459,6 +484,8 @@ class LanguageModel(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   implementation: str = 'scan'
+  lstm_loop: Callable = lstm_scan
+  loop_runner: Callable = run_loop
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -470,8 +497,9 @@ class LanguageModel(nn.Module):
     """
     x = nn.Embed(self.vocab_size, self.embed_dim, name='embed')(tokens).astype(self.dtype)
     outputs, _ = RNN(cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                     dropout=self.dropout, dtype=self.dtype,
-                     implementation=self.implementation, name='rnn')(x, train=train)
+                     dropout=self.dropout, dtype=self.dtype, implementation=self.implementation,
+                     lstm_loop=self.lstm_loop, loop_runner=self.loop_runner,
+                     name='rnn')(x, train=train)
     outputs = nn.Dropout(self.dropout, deterministic=not train, name='dropout')(outputs)
     logits = nn.Dense(self.vocab_size, dtype=self.dtype, name='head')(outputs)
     return logits.astype(jnp.float32), {'sequence': outputs}

@@ -42,6 +42,9 @@ class VGG(nn.Module):
     dtype: compute dtype; parameters stay float32, logits come back float32.
     cut_at: stop after this named feature and return (None, features); the
       layers after it are never created (transfer learning). None: whole model.
+    conv, max_pool: the convolution and max-pooling layers: `nn.Conv` and
+      `layers.MaxPool`, or stand-ins with their fields (`jdl.ops.choices`
+      gives the CPU's).
   """
   depth: int = 11
   width: int = 64
@@ -51,6 +54,8 @@ class VGG(nn.Module):
   activation: str = 'relu'
   dtype: Any = jnp.float32
   cut_at: Optional[str] = None
+  conv: Any = nn.Conv
+  max_pool: Any = layers.MaxPool
 
   def __post_init__(self):
     if self.depth not in CONFIGS:
@@ -75,15 +80,15 @@ class VGG(nn.Module):
         block_i += 1
         # Halves H and W, rounding up: an odd side gets one -inf padded row/column.
         pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
-        x = layers.MaxPool(2, padding=pad if pad != ((0, 0), (0, 0)) else 'VALID',
-                           name=f'pool{block_i}')(x)
+        x = self.max_pool(2, padding=pad if pad != ((0, 0), (0, 0)) else 'VALID',
+                          name=f'pool{block_i}')(x)
         features[f'block{block_i}'] = x
         if self.cut_at == f'block{block_i}':
           return None, features
         continue
       conv_i += 1
-      x = layers.Conv(item * self.width // 64, (3, 3), padding='SAME', dtype=self.dtype,
-                      name=f'conv{conv_i}')(x)
+      x = self.conv(item * self.width // 64, (3, 3), padding='SAME', dtype=self.dtype,
+                    name=f'conv{conv_i}')(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name=f'bn{conv_i}')(x)

@@ -12,7 +12,7 @@ from flax import traverse_util
 
 from jdl import checkpoint, models, train
 from jdl.config import TrainConfig, load_run_config
-from jdl.errors import CheckpointError, ConfigError
+from jdl.errors import CheckpointError
 
 
 def restore_matching(target: dict, source: dict, into: Optional[str] = "backbone",
