@@ -43,6 +43,9 @@ class TrainConfig:
   num_train: int = option(0, "training examples: shapes generates this many, TFDS keeps the first N (0: default/all)")
   num_test: int = option(0, "test examples, as num_train (0: default/all)")
   validation_fraction: float = option(0.1, "fraction of the training split held out for validation")
+  test_every_epoch: bool = option(False, "also score the test split after every epoch: a time-to-accuracy "
+                                  "curve (test accuracy against training seconds); never used to choose "
+                                  "a checkpoint")
   augment: bool = option(False, "random translation (up to 4 px) and horizontal flips, on the device")
   # --- model ---
   model: str = option("cnn", "model name (see jdl.models.MODELS)")

@@ -263,7 +263,8 @@ class Task:
     patience: stop after this many epochs without a better best (0: never).
     pictures: (state, epoch) -> {tag: PNG path} written this epoch, shown in
       TensorBoard's images tab.
-    panels: learning_curves.png: {panel title: [row keys]}.
+    panels: learning_curves.png: {panel title: [row keys]}, or a panel's own
+      horizontal axis as {'x': row key, 'keys': [row keys]}.
     x: the curves' horizontal axis, 'epoch' or 'step'.
     title: the run in words, for the curves ('cnn on shapes').
     period: what an epoch is called in messages ('epoch').
@@ -458,6 +459,7 @@ def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=pr
           meta["epochs_since_best"] += 1
       meta.update(epoch=epoch, step_in_epoch=0, partial_sums=None)
       meta["train_time_s"] += epoch_time
+      row["train_time_s"] = meta["train_time_s"]  # seconds so far: a time-to-accuracy axis
       meta["stopped_early"] = bool(task.patience and meta["epochs_since_best"] >= task.patience)
       writer.write(step, epoch, row)
       for tag, png in (task.pictures(state, epoch) if task.pictures else {}).items():

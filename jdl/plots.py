@@ -24,7 +24,8 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
   Arguments:
     history: rows of metrics.jsonl.
     path: the PNG file to write.
-    panels: e.g. {"losses": ["d_loss", "g_loss"], "Fréchet distance": ["frechet_distance"]}.
+    panels: e.g. {"losses": ["d_loss", "g_loss"], "Fréchet distance": ["frechet_distance"]};
+      a panel may name its own horizontal axis: {"x": "train_time_s", "keys": [...]}.
     title: a figure title.
     x: the row key on the horizontal axis.
   Returns:
@@ -34,11 +35,12 @@ def plot_panels(history: List[dict], path: str, panels: dict, title: str = "",
     return path
   fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
   for ax, (name, keys) in zip(axes[0], panels.items()):
+    panel_x, keys = (keys["x"], keys["keys"]) if isinstance(keys, dict) else (x, keys)
     for key in keys:
-      points = [(r[x], r[key]) for r in history if isinstance(r.get(key), float)]
+      points = [(r[panel_x], r[key]) for r in history if isinstance(r.get(key), float)]
       if points:
         ax.plot(*zip(*points), "-o", markersize=3, label=key)
-    ax.set_xlabel(x)
+    ax.set_xlabel({"train_time_s": "training seconds"}.get(panel_x, panel_x))
     ax.set_title(name)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -20,7 +20,7 @@ seen without the interruption. `jdl.seeds` trains N of these at once.
 import dataclasses
 import functools
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -370,6 +370,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
         row["learning_rate"] = float(schedule(int(state.step)))
       if val_batched is not None:
         row.update({f"val_{k}": v for k, v in evaluate(eval_fn, state, val_batched, num_classes).items()})
+      if config.test_every_epoch:
+        row.update({f"test_{k}": v for k, v in evaluate(eval_fn, state, test_batched, num_classes).items()})
       return row
 
     def finish(state, best, info):
@@ -382,6 +384,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
               "test_accuracy": test["accuracy"], "test_loss": test["loss"],
               **({"test_top5": test["top5"]} if "top5" in test else {}),
               "best_val_accuracy": info["best_value"], "stopped_early": info["stopped_early"],
+              **({"time_to_accuracy": [[r["train_time_s"], r["test_accuracy"]] for r in info["history"]]}
+                 if config.test_every_epoch else {}),
               "compile_s": info["compile_s"], "devices": [d.device_kind for d in jax.devices()]}
 
     task = engine.Task(
@@ -391,7 +395,10 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
         describe=lambda epoch, step, row: f"epoch {epoch}/{config.epochs}  {_format_row(row)}",
         finish=finish, best=("val_accuracy", "max") if val_batched is not None else None,
         patience=config.early_stopping_patience,
-        panels={"loss": ["train_loss", "val_loss"], "accuracy": ["train_accuracy", "val_accuracy"]},
+        panels={"loss": ["train_loss", "val_loss", "test_loss"],
+                "accuracy": ["train_accuracy", "val_accuracy", "test_accuracy"],
+                **({"test accuracy against time": {"x": "train_time_s", "keys": ["test_accuracy"]}}
+                   if config.test_every_epoch else {})},
         title=f"{config.model} on {dataset.name}", examples_per_step=config.batch_size,
         nan_policy=config.nan_policy, keep_checkpoints=config.keep_checkpoints,
         nan_hint="Lower --learning_rate, set --clip_norm, or pass --nan_policy=skip to skip such steps",
