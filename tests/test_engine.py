@@ -200,6 +200,21 @@ def test_failed_start_leaves_nothing_behind_but_never_removes_old_work(tmp_path)
       pass
 
 
+def test_curves_have_whole_number_epochs_and_panels_their_own_axis(tmp_path, monkeypatch):
+  from jdl import plots
+  figures = []
+  save = plots._save
+  monkeypatch.setattr(plots, "_save", lambda fig, path, title="": figures.append(fig) or save(fig, path, title))
+  history = [{"epoch": 1, "loss": 2.0, "train_time_s": 3.5, "acc": 0.5},
+             {"epoch": 2, "loss": 1.0, "train_time_s": 7.0, "acc": 0.7}]
+  plots.plot_panels(history, str(tmp_path / "c.png"),
+                    {"loss": ["loss"], "acc against time": {"x": "train_time_s", "keys": ["acc"]}})
+  loss_ax, time_ax = figures[0].axes
+  assert all(float(t).is_integer() for t in loss_ax.get_xticks())  # no epoch 1.5 on a 2-epoch run
+  assert time_ax.get_xlabel() == "training seconds"
+  assert list(time_ax.lines[0].get_xdata()) == [3.5, 7.0]
+
+
 def test_no_progress_bar_frames_when_output_is_not_a_terminal(tmp_path, capfd):
   least_squares(tmp_path / "run")
   # (Under pytest stderr is a pipe, as in a log file or CI: one line per epoch, no bar.)

@@ -68,6 +68,17 @@ def test_conditional_gan_reports_label_match(tmp_path, tiny_shapes, classifier_w
   # The conditional defaults: an AC-GAN class head, whose accuracies are logged.
   row = json.loads((tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()[-1])
   assert 0 <= row["d_class_acc_real"] <= 1 and 0 <= row["d_class_acc_fake"] <= 1
+  # The sample sheet: one row per class, the same z down each column, big enough
+  # to judge (32 px samples at 3x), with the class names in a margin on the left.
+  from PIL import Image
+  sheet = np.asarray(Image.open(tmp_path / "gan" / "samples" / "epoch_001.png").convert("RGB"))
+  grid_w, grid_h = 10 * 98 + 2, 10 * 98 + 2
+  assert sheet.shape[1] > grid_w + 40 and sheet.shape[0] >= grid_h
+  margin = sheet[-grid_h:, :sheet.shape[1] - grid_w]
+  assert (margin < 128).any() and (margin == 255).mean() > 0.8  # dark text on white
+  z_grid, labels = gan.fixed_noise(config(tmp_path, conditional=True), 10)
+  np.testing.assert_array_equal(np.asarray(labels).reshape(10, 10), np.arange(10)[:, None] * np.ones(10))
+  np.testing.assert_array_equal(np.asarray(z_grid)[:10], np.asarray(z_grid)[10:20])
 
 
 @pytest.mark.parametrize("overrides,message", [
