@@ -1,5 +1,5 @@
-"""PyTorch weights in jdl: torchvision-layout ResNets via safetensors, and
-torch.nn.LSTM / GRU / RNN state dicts (`convert_torch_state_dict`).
+"""PyTorch weights in jdl: torchvision-layout ResNets, AlexNet and GoogLeNet via
+safetensors, and torch.nn.LSTM / GRU / RNN state dicts (`convert_torch_state_dict`).
 
 jdl reads only `.safetensors` files: they hold raw tensors and a JSON header, so
 loading one runs no code. It never loads pickle / `torch.save` files (`.pt`,
@@ -20,16 +20,27 @@ Then in jdl:
 
 and back: `pretrained.save_safetensors(variables, 'mine.safetensors')` writes
 torchvision's names and layouts, loadable with `load_state_dict(strict=True)`.
+AlexNet and GoogLeNet load the same way (`load_torchvision`, of which
+`load_resnet` is another name): build_model('alexnet', stem='imagenet',
+num_classes=1000), or 'googlenet' (with aux_logits=True for a file that has
+torchvision's auxiliary heads, transform_input=True for its pretrained weights).
 
-Names (jdl.models.resnet already follows torchvision): 'layer1.0.conv1.weight'
-<-> params/layer1_0/conv1/kernel, 'layer2.0.downsample.0' / '.1' <->
-'layer2_0/downsample_conv' / 'downsample_bn', BatchNorm weight / bias /
+Names: jdl's modules are torchvision's with '_' for '.', so the mapping is
+mechanical: 'layer1.0.conv1.weight' <-> params/layer1_0/conv1/kernel,
+'features.3.weight' <-> params/features_3/kernel (AlexNet),
+'inception4b.branch2.1.bn.running_var' <-> batch_stats/inception4b/branch2_1/bn/var
+(GoogLeNet); the one exception is the ResNet shortcut, 'layer2.0.downsample.0' /
+'.1' <-> 'layer2_0/downsample_conv' / 'downsample_bn'. BatchNorm weight / bias /
 running_mean / running_var <-> params scale / bias, batch_stats mean / var.
 Layouts: conv weights are OIHW in torch and HWIO in jdl, Linear weights (out, in)
-in torch and (in, out) in jdl. torch's '*.num_batches_tracked' counters have no
-jdl counterpart: they are ignored on load and written as 0 on save.
+in torch and (in, out) in jdl. A Linear that reads a flattened feature map
+(AlexNet's classifier.1, GoogLeNet's aux*.fc1) sees it in (C, H, W) order in
+torch and (H, W, C) in jdl, so its input rows are permuted as well
+(`FLATTENED_INPUTS`). torch's '*.num_batches_tracked' counters have no jdl
+counterpart: they are ignored on load and written as 0 on save.
 """
 import functools
+import math
 import os
 from typing import Any, Dict, Tuple
 
@@ -58,6 +69,17 @@ LEAF_NAMES = {
 # jdl module names that torchvision spells differently (the shortcut of a block).
 MODULE_NAMES = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
 COUNTER = 'num_batches_tracked'  # a torch BatchNorm buffer with no jdl counterpart
+# torchvision Linear layers fed a flattened (C, H, W) map, and the conv whose
+# output channels are that C (the pooled map is square: H = W = sqrt(in / C)).
+FLATTENED_INPUTS = {
+    'classifier.1': 'features.10',  # AlexNet: 256 x 6 x 6 after its adaptive pool
+    'aux1.fc1': 'aux1.conv.conv',  # GoogLeNet's auxiliary heads: 128 x 4 x 4
+    'aux2.fc1': 'aux2.conv.conv',
+}
+# Keys whose first axis is the class count, and first convs (which tell the stem): error hints.
+HEAD_KEYS = ('fc.weight', 'fc.bias', 'classifier.6.weight', 'classifier.6.bias',
+             'aux1.fc2.weight', 'aux1.fc2.bias', 'aux2.fc2.weight', 'aux2.fc2.bias')
+FIRST_CONVS = ('conv1.weight', 'conv1.conv.weight', 'features.0.weight')
 MAX_LISTED = 5  # unexpected keys named in an error
 
 
@@ -77,8 +99,8 @@ def torch_name(path: Tuple[str, ...]) -> str:
   collection, *modules, leaf = path
   if (collection, leaf) not in LEAF_NAMES:
     raise CheckpointError(f'{"/".join(path)} has no torchvision name: jdl maps only conv, '
-                          f'Dense and BatchNorm variables of a ResNet')
-  # 'layer1_0' -> 'layer1.0': the stage's block index is a ModuleList index in torch.
+                          f'Dense and BatchNorm variables of a ResNet, AlexNet or GoogLeNet')
+  # 'layer1_0' -> 'layer1.0', 'features_3' -> 'features.3': Sequential / ModuleList indices.
   parts = [MODULE_NAMES.get(m, m.replace('_', '.')) for m in modules]
   return '.'.join(parts + [LEAF_NAMES[(collection, leaf)]])
 
@@ -98,6 +120,40 @@ def _to_torch_layout(value: np.ndarray) -> np.ndarray:
   if value.ndim == 2:
     return value.T  # (in, out) -> (out, in)
   return value
+
+
+def _flattened_map(key: str, kernel_shape, channels: int) -> Tuple[int, int, int]:
+  """(C, H, W) of the square map that `key`'s (in, out) kernel reads flattened."""
+  side = math.isqrt(kernel_shape[0] // channels)
+  if side * side * channels != kernel_shape[0]:
+    raise CheckpointError(f'{key} takes {kernel_shape[0]} inputs, not a square map of '
+                          f'{channels} channels (C x H x W) as torchvision\'s does')
+  return channels, side, side
+
+
+def chw_rows_to_hwc(kernel: np.ndarray, chw: Tuple[int, int, int]) -> np.ndarray:
+  """A Dense kernel (C*H*W, out) whose rows follow torch's (C, H, W) flatten ->
+  the same kernel for jdl's (H, W, C) flatten: row (h, w, c) = old row (c, h, w)."""
+  (c, h, w), out = chw, kernel.shape[1]
+  return kernel.reshape(c, h, w, out).transpose(1, 2, 0, 3).reshape(h * w * c, out)
+
+
+def hwc_rows_to_chw(kernel: np.ndarray, chw: Tuple[int, int, int]) -> np.ndarray:
+  """The inverse of `chw_rows_to_hwc`: jdl's (H*W*C, out) -> torch's row order."""
+  (c, h, w), out = chw, kernel.shape[1]
+  return kernel.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(c * h * w, out)
+
+
+def _permute_flattened(flat, names, permute) -> None:
+  """Applies `permute(kernel, (C, H, W))` in place to the Dense kernels of `flat`
+  ({path: jdl-layout array}, torch names in `names`) that FLATTENED_INPUTS lists."""
+  paths = {key: path for path, key in names.items()}
+  for layer, source in FLATTENED_INPUTS.items():
+    weight, source_weight = layer + '.weight', source + '.weight'
+    if weight in paths and source_weight in paths:
+      path = paths[weight]
+      chw = _flattened_map(weight, flat[path].shape, flat[paths[source_weight]].shape[-1])
+      flat[path] = np.ascontiguousarray(permute(flat[path], chw))
 
 
 # ------------------------------------------------------------------ files
@@ -142,10 +198,11 @@ def _sniff(path: str) -> str:
 
 
 def save_safetensors(variables: Dict[str, Any], path) -> None:
-  """Writes jdl ResNet variables as a torchvision-layout `.safetensors` file.
+  """Writes jdl variables as a torchvision-layout `.safetensors` file.
 
   Arguments:
-    variables: {'params': ..., 'batch_stats': ...} of a jdl ResNet.
+    variables: {'params': ..., 'batch_stats': ...} of a jdl ResNet, AlexNet or
+      GoogLeNet.
     path: output file; its name must end with '.safetensors'.
 
   Raises:
@@ -169,7 +226,8 @@ def target_shapes(model, input_shape=(224, 224, 3)) -> Dict[Tuple[str, ...], jax
 
   Arguments:
     model: a jdl model called as model(x, train=...).
-    input_shape: one example's (H, W, C); a ResNet's variables do not depend on H, W.
+    input_shape: one example's (H, W, C); the variables of a ResNet, AlexNet or
+      GoogLeNet do not depend on H, W (it must only be large enough for the model).
   """
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   init = functools.partial(model.init, train=False)
@@ -177,18 +235,20 @@ def target_shapes(model, input_shape=(224, 224, 3)) -> Dict[Tuple[str, ...], jax
 
 
 def torch_to_jdl(state_dict: Dict[str, Any], model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
-  """Maps a torchvision-layout ResNet state dict onto `model`'s variables.
+  """Maps a torchvision-layout state dict onto `model`'s variables.
 
   Works for jdl ResNets (basic or bottleneck blocks, 'cifar' or 'imagenet'
-  stem) whose torch twin uses torchvision's module names. Every jdl variable must
-  come from the file and every file tensor but '*.num_batches_tracked' must be
-  used, so a different depth, stem or class count is an error, not a half-load.
+  stem), AlexNets and GoogLeNets (either stem, with or without auxiliary
+  heads), whose torch twins use torchvision's module names. Every jdl variable
+  must come from the file and every file tensor but '*.num_batches_tracked'
+  must be used, so a different depth, stem, head or class count is an error,
+  not a half-load.
 
   Arguments:
     state_dict: {torch name: array}, e.g. from `load_safetensors`; numpy arrays,
       or anything np.asarray takes (torch CPU tensors too).
     model: the jdl model to load into, e.g. build_model('resnet18', stem='imagenet',
-      num_classes=1000).
+      num_classes=1000) or build_model('alexnet', stem='imagenet', num_classes=1000).
     input_shape: one example's (H, W, C), used only to trace model.init.
 
   Returns:
@@ -224,56 +284,67 @@ def torch_to_jdl(state_dict: Dict[str, Any], model, input_shape=(224, 224, 3)) -
                             f'model wants {want}{_shape_hint(key, value.shape)}')
     flat[path] = np.ascontiguousarray(converted, dtype=targets[path].dtype)
 
+  # Linear layers after a Flatten: torch's (C, H, W) input rows -> jdl's (H, W, C).
+  _permute_flattened(flat, names, chw_rows_to_hwc)
+
   used = set(names.values())
   extra = sorted(k for k in state_dict if k not in used and not k.endswith('.' + COUNTER))
   if extra:
     listed = ', '.join(extra[:MAX_LISTED])
     if len(extra) > MAX_LISTED:
       listed += f', ... ({len(extra)} in all)'
-    raise CheckpointError(f'state dict has keys the model has no place for: {listed} '
-                          f'(a deeper ResNet, or other blocks?)')
+    hint = ("GoogLeNet's auxiliary heads: build it with aux_logits=True"
+            if extra[0].startswith('aux') else 'a deeper network, or other blocks?')
+    raise CheckpointError(f'state dict has keys the model has no place for: {listed} ({hint})')
   return traverse_util.unflatten_dict({path: flat[path] for path in targets})  # init order
 
 
 def _shape_hint(key: str, file_shape) -> str:
-  if key in ('fc.weight', 'fc.bias'):
+  if key in HEAD_KEYS:
     classes = file_shape[0]
     return f' (the file has {classes} classes: build the model with num_classes={classes})'
-  if key == 'conv1.weight' and len(file_shape) == 4:
-    stem = {7: 'imagenet', 3: 'cifar'}.get(file_shape[-1])
+  if key in FIRST_CONVS and len(file_shape) == 4:
+    # ResNet and GoogLeNet: 7x7 / 3x3; AlexNet: 11x11 / 3x3.
+    stem = {7: 'imagenet', 11: 'imagenet', 3: 'cifar'}.get(file_shape[-1])
     if stem:
       return f' (a {file_shape[-1]}x{file_shape[-1]} first conv is stem={stem!r})'
   return ''
 
 
 def jdl_to_torch(variables: Dict[str, Any]) -> Dict[str, np.ndarray]:
-  """Maps jdl ResNet variables to a torchvision-layout state dict (the inverse).
+  """Maps jdl variables to a torchvision-layout state dict (the inverse).
 
   Every BatchNorm also gets torch's 'num_batches_tracked' counter (int64 0), so
   the dict loads into a torchvision model with strict=True.
 
   Arguments:
-    variables: {'params': ..., 'batch_stats': ...} of a jdl ResNet (arrays of
-      any kind np.asarray takes).
+    variables: {'params': ..., 'batch_stats': ...} of a jdl ResNet, AlexNet or
+      GoogLeNet (arrays of any kind np.asarray takes).
 
   Returns:
-    {torch name: numpy array}: conv weights (O, I, H, W), Linear (out, in).
+    {torch name: numpy array}: conv weights (O, I, H, W), Linear (out, in),
+    with flattened inputs in torch's (C, H, W) order (`FLATTENED_INPUTS`).
   """
+  flat = {path: np.asarray(value)
+          for path, value in traverse_util.flatten_dict(dict(variables)).items()}
+  names = {path: torch_name(path) for path in flat}
+  _permute_flattened(flat, names, hwc_rows_to_chw)
+
   state_dict = {}
-  for path, value in traverse_util.flatten_dict(dict(variables)).items():
-    key = torch_name(path)
-    state_dict[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value)))
+  for path, value in flat.items():
+    key = names[path]
+    state_dict[key] = np.ascontiguousarray(_to_torch_layout(value))
     if path[0] == 'batch_stats' and path[-1] == 'mean':
       state_dict[key[:-len('running_mean')] + COUNTER] = np.zeros((), np.int64)
   return state_dict
 
 
-def load_resnet(path, model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
+def load_torchvision(path, model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
   """Reads a torchvision-layout `.safetensors` file into `model`'s variables.
 
   Arguments:
     path: the weights file (see `load_safetensors`).
-    model: the jdl ResNet to load into (see `torch_to_jdl`).
+    model: the jdl ResNet, AlexNet or GoogLeNet to load into (see `torch_to_jdl`).
     input_shape: one example's (H, W, C).
 
   Returns:
@@ -288,6 +359,9 @@ def load_resnet(path, model, input_shape=(224, 224, 3)) -> Dict[str, Any]:
     return torch_to_jdl(state_dict, model, input_shape)
   except CheckpointError as e:
     raise CheckpointError(f'{os.fspath(path)}: {e}') from None
+
+
+load_resnet = load_torchvision  # its first name, from when it loaded ResNets only
 
 
 # ------------------------------------------------- PyTorch recurrent layers

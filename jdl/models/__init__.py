@@ -16,10 +16,12 @@ import flax.linen as nn
 from jdl.errors import ConfigError
 from jdl.registry import Registry
 from jdl.models import layers
+from jdl.models.alexnet import AlexNet
 from jdl.models.cnn import CNN, LeNet5
 from jdl.models.cnn1d import CNN1D
 from jdl.models.decoder import Decoder, Discriminator, Generator
 from jdl.models.fastnet import ConvGroup, FastNet
+from jdl.models.googlenet import GoogLeNet, Inception
 from jdl.models.mlp import MLP
 from jdl.models.rnn import RNN, RNNClassifier, RecurrentLayer
 from jdl.pretrained import convert_torch_state_dict  # with the other PyTorch weights
@@ -41,6 +43,8 @@ MODELS.register("resnet18", ResNet18)
 MODELS.register("resnet34", ResNet34)
 MODELS.register("resnet50", ResNet50)
 MODELS.register("fastnet", FastNet)
+MODELS.register("alexnet", AlexNet)  # stem='imagenet' for torchvision's layout
+MODELS.register("googlenet", GoogLeNet)  # likewise
 # Sequence classifiers (inputs (B, T, F)); mlp works on them too.
 MODELS.register("logistic", functools.partial(MLP, hidden_sizes=(), dropout=0.0))
 MODELS.register("cnn1d", CNN1D)
@@ -98,5 +102,6 @@ __all__ = [
     "MLP", "CNN", "LeNet5", "VGG", "ResNet", "ResNet18", "ResNet20", "ResNet34",
     "ResNet50", "BasicBlock", "Bottleneck", "FastNet", "ConvGroup", "CNN1D",
     "RNN", "RNNClassifier", "RecurrentLayer", "convert_torch_state_dict",
+    "AlexNet", "GoogLeNet", "Inception",
     "Decoder", "Generator", "Discriminator",  # image generators: not classifiers, not in MODELS
 ]
