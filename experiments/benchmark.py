@@ -26,6 +26,8 @@ flags.DEFINE_string("rnn_implementation", None,
 flags.DEFINE_string("compare", "", "'torch': time the same architecture in PyTorch in the same run")
 flags.DEFINE_string("ab_kernels", "", "A/B of CPU kernels (jdl.ops): time the step with the "
                     "selected kernels against the step without these (a comma list), in one loop")
+flags.DEFINE_integer("replicas", 1, "with --ab_kernels: time the --num_seeds=N step (N stacked "
+                     "replicas, one vmapped step)")
 flags.DEFINE_boolean("json", False, "print one JSON object instead of a table")
 FLAGS = flags.FLAGS
 
@@ -37,11 +39,12 @@ def main(argv):
   if FLAGS.ab_kernels:
     result = benchmark.compare_kernels(FLAGS.model, FLAGS.ab_kernels, batch_size=FLAGS.batch_size,
                                        precision=FLAGS.precision, steps=FLAGS.steps,
-                                       warmup=FLAGS.warmup)
+                                       warmup=FLAGS.warmup, replicas=FLAGS.replicas)
     if FLAGS.json:
       print(json.dumps(result, sort_keys=True))
     else:
-      print(f"{FLAGS.model}, batch {FLAGS.batch_size}: step {result['with']['step_ms']:.1f} ms with "
+      print(f"{FLAGS.model}, batch {FLAGS.batch_size}" + (f", {FLAGS.replicas} replicas" if FLAGS.replicas > 1 else "")
+            + f": step {result['with']['step_ms']:.1f} ms with "
             f"every kernel, {result['without']['step_ms']:.1f} ms without "
             f"{', '.join(result['kernels'])}: they save {result['saving']:.1%}")
     return

@@ -308,7 +308,7 @@ def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5
 
 
 def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: int, seed: int,
-              rnn_implementation: Optional[str]) -> _Side:
+              rnn_implementation: Optional[str], replicas: int = 1) -> _Side:
   if model not in model_names():
     raise ConfigError(f"unknown model {model!r}; choose one of: {', '.join(model_names())}")
   if precision not in ("float32", "bfloat16"):
@@ -330,6 +330,12 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
   else:
     step, state, num_params, batch = _classifier_step(model, batch_size, precision, seed,
                                                       rnn_implementation)
+  if replicas > 1:  # the --num_seeds step: N stacked states, one vmapped step, the batch shared
+    state = jax.tree.map(lambda a: jnp.stack([a] * replicas), state)
+    num_params *= replicas
+    one_step = step
+    step = lambda state, key, batch: jax.vmap(one_step, in_axes=(0, 0, None))(
+        state, jax.random.split(key, replicas), batch)
   # The batch is an argument, split over the devices (a constant batch with a
   # sharding constraint ran the 2-device lstm step ~12% slower).
   state, batch = parallel.replicate(state, mesh), jax.device_put(batch, parallel.shardings(mesh)[1])
@@ -382,7 +388,7 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
     return (time.perf_counter() - start) / steps_per_call
 
   def result(times) -> Dict:
-    if not np.isfinite(float(carry["loss"])):
+    if not np.isfinite(np.asarray(carry["loss"])).all():
       raise ConfigError(f"{model} produced a non-finite loss on synthetic data")
     timing = _timing(times, batch_size)
     step_s = timing["step_ms"] / 1e3
@@ -472,14 +478,15 @@ def compare_torch(model: str, *, batch_size: int = 128, precision: str = "float3
 
 
 def compare_kernels(model: str, without, *, batch_size: int = 128, precision: str = "float32",
-                    steps: int = 20, warmup: int = 3, seed: int = 0) -> Dict:
+                    steps: int = 20, warmup: int = 3, seed: int = 0, replicas: int = 1) -> Dict:
   """The A/B of CPU kernels (`jdl.ops`): `model`'s step built with the
   selected kernels ('with') and with those less `without` ('without'),
   timed in one loop alternating every 5 steps, as `compare_torch`.
 
   Returns {'with': figures, 'without': figures, 'saving': the fraction of
   the step the kernels in `without` save (1 - with / without step time),
-  'kernels': the names left out}. The process-wide `malloc` kernel cannot be
+  'kernels': the names left out}. `replicas` > 1 times the step of
+  --num_seeds=replicas (stacked states, one vmapped step). The process-wide `malloc` kernel cannot be
   A/B'd in one process: compare two runs of experiments.benchmark with
   --cpu_kernels instead.
   """
@@ -496,7 +503,8 @@ def compare_kernels(model: str, without, *, batch_size: int = 128, precision: st
       os.environ[ops.ENV] = ",".join(sorted(kernels)) or "0"
       xla.enable("xla_options" in kernels)
       sides[name] = _jdl_side(model, batch_size=batch_size, precision=precision,
-                              steps_per_call=1, seed=seed, rnn_implementation=None)
+                              steps_per_call=1, seed=seed, rnn_implementation=None,
+                              replicas=replicas)
   finally:
     os.environ.pop(ops.ENV) if previous is None else os.environ.__setitem__(ops.ENV, previous)
     xla.enable("xla_options" in base)

@@ -22,7 +22,7 @@ cli.define_common_flags()
 CASES = [
     # Unknown names list the valid ones.
     (["--model=resnet99"], "unknown model 'resnet99'; choose one of: "),
-    (["--cpu_kernels=conv,turbo"], "unknown CPU kernel 'turbo' in JDL_CPU_KERNELS/--cpu_kernels"),
+    (["--cpu_kernels=max_pool,turbo"], "unknown CPU kernel 'turbo' in JDL_CPU_KERNELS/--cpu_kernels"),
     (["--optimizer=adamax"], "unknown optimizer 'adamax'; choose one of: adagrad, adam"),
     (["--schedule=sawtooth"], "unknown schedule 'sawtooth'; choose one of: constant"),
     (["--activation=swish2"], "unknown activation 'swish2'; choose one of: elu, gelu"),

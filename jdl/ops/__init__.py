@@ -7,9 +7,8 @@ backend is the CPU and the kernel is switched on. `jdl.models.build_model`,
 the GAN, colorization and the text model build their modules with it.
 
   kernel            field           why (A/B in BUILD_NOTES.md, "CPU kernels")
-  conv              conv            im2col for strided and thin convs, and a loop
-                                    over stacked kernels under vmap (`jdl.seeds`)
-                                    instead of XLA:CPU's slow grouped conv
+  conv_vmap_loop    conv            a loop over stacked kernels under vmap
+                                    (`jdl.seeds`) instead of a grouped conv
   max_pool          max_pool        max pooling's gradient as a few elementwise
                                     passes instead of select-and-scatter
   conv_transpose    conv_transpose  the stride-2 transposed conv as one matmul
@@ -37,8 +36,8 @@ from typing import Any, Dict, FrozenSet, Optional
 
 from jdl.errors import ConfigError
 
-KERNELS = ("conv", "max_pool", "conv_transpose", "lstm", "loops_per_device", "xla_options",
-           "malloc")
+KERNELS = ("conv_vmap_loop", "max_pool", "conv_transpose", "lstm", "loops_per_device",
+           "xla_options", "malloc")
 ENV = "JDL_CPU_KERNELS"
 
 
@@ -74,14 +73,21 @@ def enabled(name: str) -> bool:
   return name in selected() and on_cpu()
 
 
-@functools.lru_cache(maxsize=None)
-def _stand_ins() -> Dict[str, tuple]:
-  """kernel -> (model field, its CPU stand-in); imported on first use."""
+def _stand_ins(kernels: FrozenSet[str]) -> Dict[str, Any]:
+  """{model field: its CPU stand-in} for the selected `kernels`."""
   from jdl.ops import conv, pool, recurrence
-  return {"conv": ("conv", conv.Conv), "max_pool": ("max_pool", pool.MaxPool),
-          "conv_transpose": ("conv_transpose", conv.ConvTranspose),
-          "lstm": ("lstm_loop", recurrence.lstm_layer),
-          "loops_per_device": ("loop_runner", recurrence.split_over_devices)}
+  out = {}
+  if "conv_vmap_loop" in kernels:
+    out["conv"] = conv.Conv
+  if "conv_transpose" in kernels:
+    out["conv_transpose"] = conv.ConvTranspose
+  if "max_pool" in kernels:
+    out["max_pool"] = pool.MaxPool
+  if "lstm" in kernels:
+    out["lstm_loop"] = recurrence.lstm_layer
+  if "loops_per_device" in kernels:
+    out["loop_runner"] = recurrence.split_over_devices
+  return out
 
 
 def _fields(module) -> set:
@@ -105,5 +111,5 @@ def choices(module, kernels: Optional[FrozenSet[str]] = None) -> Dict[str, Any]:
   if kernels is None:
     kernels = selected() if on_cpu() else frozenset()
   fields = _fields(module)
-  return {field: stand_in for name, (field, stand_in) in _stand_ins().items()
-          if name in kernels and field in fields}
+  return {field: stand_in for field, stand_in in _stand_ins(frozenset(kernels)).items()
+          if field in fields}

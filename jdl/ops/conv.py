@@ -1,18 +1,16 @@
-"""Convolutions for the CPU (the `conv` and `conv_transpose` kernels).
+"""Convolutions for the CPU: the `conv_vmap_loop` and `conv_transpose` kernels.
 
-`Conv` stands in for `nn.Conv`, `ConvTranspose` for `nn.ConvTranspose`: same
-fields, parameters and outputs, faster training steps on XLA:CPU.
-  conv_patches        im2col: thin and strided convs as patches @ kernel, with
-                      space-to-depth for stride-2 even kernels.
-  conv_4x4_stride2    the DCGAN discriminator's convs, input gradient as a
-                      transposed conv.
-  _cpu_conv           XLA's conv, but a loop over stacked kernels under vmap
-                      (`jdl.seeds`' replicas) instead of a grouped conv.
-  conv_transpose_2x   a stride-2 transposed conv as one matmul and shifted adds,
-                      with its own VJP.
-  matmul              x @ w with w's gradient as (dy^T x)^T.
-Each says why in its docstring, with its measurement; BUILD_NOTES.md has the
-A/B of each against plain Flax.
+`Conv` stands in for `nn.Conv`, `ConvTranspose` for `nn.ConvTranspose`: the
+same fields (those jdl's models use), parameters, initialisation and outputs.
+  Conv            XLA's convolution, but under vmap over stacked kernels
+                  (`jdl.seeds`' replicas) a loop of convolutions instead of
+                  the one grouped convolution JAX makes, which XLA:CPU runs
+                  1.7-2.5x slower.
+  ConvTranspose   a stride-2 'SAME' transposed convolution as one matmul and
+                  shifted adds (`conv_transpose_2x`) with its own VJP, whose
+                  gradient XLA:CPU computes several times faster than that of
+                  the input-dilated convolution behind `lax.conv_transpose`.
+The A/B of each against plain Flax: BUILD_NOTES.md, "CPU kernels".
 """
 import functools
 from typing import Any, Callable, Sequence, Tuple
@@ -22,73 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.layers import Padding, Size, _padding, _pair
-
-
-def conv_patches(x, kernel, strides: Tuple[int, int] = (1, 1), padding: Padding = 'SAME'):
-  """`lax.conv_general_dilated` (NHWC, HWIO) as patch extraction and one matmul:
-  (B, H, W, Cin) -> (B, H', W', Cout).
-
-  The kh * kw shifted (and strided) views of the padded input are stacked on the
-  channel axis in (dy, dx, cin) order, the row-major order of an HWIO kernel,
-  so the kernel reshaped to (kh * kw * Cin, Cout) multiplies them directly
-  (im2col). Same values up to float rounding. Its gradient is slices and
-  matmuls, which XLA:CPU computed faster than YNNPACK's convolutions (its
-  default) when kh * kw * Cin is small (the notes' cnn train step, batch 128,
-  2-core CPU: 94-96 ms with those, 73-77 ms with these; BUILD_NOTES.md); for
-  wide inputs the (B, H', W', kh * kw * Cin) patches cost more than they
-  save. Against XLA's own convolution kernels (`jdl.xla`) it still wins for
-  strided and narrow thin convs only (`Conv`).
-  """
-  kh, kw, cin, cout = kernel.shape
-  sh, sw = strides
-  pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding) \
-      if isinstance(padding, str) else [tuple(p) for p in padding]
-  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-  b, h, w, _ = x.shape
-  if (sh, sw) == (2, 2) and kh % 2 == kw % 2 == h % 2 == w % 2 == 0:
-    # Space-to-depth: a stride-2 conv with an even kernel is a stride-1 conv
-    # with a kernel half the side over 2x2 blocks of pixels (channels in
-    # (row, column, cin) order; tap 2a + r of the kernel is tap a of phase
-    # r). Its kh * kw / 4 views are whole blocks instead of kh * kw strided
-    # ones: the DCGAN discriminator's first layer (4x4 over 3 channels, B
-    # 64, 32x32) fwd+bwd 2.02 vs 2.52 ms, 2.52 vs 3.43 with the input
-    # gradient (BUILD_NOTES.md, issue 6, session 13).
-    x = x.reshape(b, h // 2, 2, w // 2, 2, cin).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, h // 2, w // 2, 4 * cin)
-    kernel = kernel.reshape(kh // 2, 2, kw // 2, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-    kh, kw, cin, sh, sw = kh // 2, kw // 2, 4 * cin, 1, 1
-    kernel = kernel.reshape(kh, kw, cin, cout)
-  out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  views = [x[:, dy:dy + (out_h - 1) * sh + 1:sh, dx:dx + (out_w - 1) * sw + 1:sw, :]
-           for dy in range(kh) for dx in range(kw)]  # each (B, H', W', Cin)
-  patches = jnp.concatenate(views, axis=-1)  # (B, H', W', kh * kw * Cin)
-  out = matmul(patches.reshape(-1, kh * kw * cin), kernel.reshape(kh * kw * cin, cout))
-  return out.reshape(*patches.shape[:3], cout)
-
-
-@jax.custom_vjp
-def matmul(x, w):
-  """x (N, K) @ w (K, M), with w's gradient taken as (dy^T @ x)^T.
-
-  Autodiff's x^T @ dy made XLA:CPU first copy dy (N, M) into a transposed
-  layout; dy^T @ x reads it as it is. The im2col and transposed convs use it
-  (`conv_patches`, `conv_transpose_2x`): the dcgan step 1-5% (median 2%)
-  faster, lower in 12 of 12 in-process A/B rounds, lenet5's 1-2% in 3 of 3
-  (BUILD_NOTES.md, issue 6, session 14). Same values.
-  """
-  return x @ w
-
-
-def _matmul_fwd(x, w):
-  return x @ w, (x, w)
-
-
-def _matmul_bwd(saved, dy):
-  x, w = saved
-  return dy @ w.T, (dy.T @ x).T  # (N, K), (K, M)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _conv_nhwc(x, kernel, strides, padding):
@@ -122,8 +53,7 @@ def _vmap_kernels_as_loop(fun):
 def _cpu_conv(strides: Tuple[int, int], padding):
   """`_conv_nhwc` with these strides and padding for the CPU: the same values
   and gradients, and under vmap over kernels a loop instead of a grouped
-  convolution (`_vmap_kernels_as_loop`) in the forward and both gradients.
-  Its `kernel_grad(x, kernel, dy)` is the kernel gradient alone."""
+  convolution (`_vmap_kernels_as_loop`) in the forward and both gradients."""
   def conv(x, kernel):
     return _conv_nhwc(x, kernel, strides, padding)
 
@@ -148,52 +78,15 @@ def _cpu_conv(strides: Tuple[int, int], padding):
     return input_grad_loop(x, kernel, dy), kernel_grad_loop(x, kernel, dy)
 
   cpu_conv.defvjp(fwd, bwd)
-  cpu_conv.kernel_grad = kernel_grad_loop
   return cpu_conv
-
-
-_PAD_1 = ((1, 1), (1, 1))
-
-
-@jax.custom_vjp
-def conv_4x4_stride2(x, kernel):
-  """XLA's 4x4 stride-2 convolution padded by one pixel on each side (NHWC,
-  HWIO): (B, H, W, Cin) -> (B, H/2, W/2, Cout) for even H and W (the DCGAN
-  discriminator's layers; 'SAME' padding there).
-
-  Its input gradient is `conv_transpose_2x` of the output gradient with the
-  kernel flipped and its channel axes swapped: the same values (max
-  difference 0 in the tests), computed without the zero-dilated input of
-  XLA's own input-gradient convolution. On a 2-core CPU (B 64): the
-  16x16x32 -> 64 layer's input gradient 1.60 against 2.78 ms, its
-  fwd+bwd with a LeakyReLU 7.76 against 8.83 ms (BUILD_NOTES.md, issue 6,
-  session 13). The forward and the kernel gradient are XLA's.
-  """
-  return _cpu_conv((2, 2), _PAD_1)(x, kernel)
-
-
-def _conv_4x4_stride2_fwd(x, kernel):
-  return conv_4x4_stride2(x, kernel), (x, kernel)
-
-
-def _conv_4x4_stride2_bwd(saved, dy):
-  x, kernel = saved
-  dx = conv_transpose_2x(dy, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))  # (B, H, W, Cin)
-  return dx.astype(x.dtype), _cpu_conv((2, 2), _PAD_1).kernel_grad(x, kernel, dy)
-
-
-conv_4x4_stride2.defvjp(_conv_4x4_stride2_fwd, _conv_4x4_stride2_bwd)
 
 
 class Conv(nn.Module):
   """`nn.Conv` for the CPU: the same fields (those jdl's models use), parameters
-  ('kernel' (kh, kw, Cin, features), 'bias'), initialisation and outputs;
-  computed by `conv_patches` when the patch depth kh * kw * Cin is at most
-  `max_patch_depth` and the conv is strided or has fewer than
-  `min_xla_features` outputs, by `conv_4x4_stride2` for other 4x4 stride-2
-  convs padded by one pixel (even sides), else by XLA's convolution
-  (`_cpu_conv`: a loop over stacked kernels under vmap). No dilation or
-  feature groups. `jdl.ops.choices` gives it to models on the CPU only.
+  ('kernel' (kh, kw, Cin, features), 'bias'), initialisation and outputs,
+  computed by XLA's convolution (`_cpu_conv`), which under vmap over stacked
+  kernels runs a loop instead of a grouped convolution. No dilation or feature
+  groups. `jdl.ops.choices` gives it to models on the CPU only.
   """
   features: int
   kernel_size: Size = 3
@@ -203,32 +96,13 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
-  # Measured on a 2-core CPU (fwd+bwd), BUILD_NOTES.md, issue 6: patch depth
-  # 12-128 faster as patches, 512 (4x4 over 32 channels) slower (session 4).
-  # Against XLA's own convolution kernels (jdl.xla's compile options;
-  # session 14, fwd + kernel gradient) only where strided or narrow: LeNet's
-  # 3 -> 6 5x5 15.1 vs 17.9 ms as patches, but the cnn's 3 -> 32 3x3 17.2 vs
-  # 9.8, 8 -> 8 3x3 12.1 vs 10.0; so stride-1 convs with at least
-  # min_xla_features outputs go to XLA.
-  max_patch_depth: int = 128
-  min_xla_features: int = 8
 
   @nn.compact
   def __call__(self, x):
     kh, kw = _pair(self.kernel_size)
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    strides, padding = _pair(self.strides), _padding(self.padding)
-    pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
-            if isinstance(padding, str) else padding)
-    if (kh * kw * x.shape[-1] <= self.max_patch_depth
-        and (strides != (1, 1) or self.features < self.min_xla_features)):
-      y = conv_patches(x, kernel, strides, padding)
-    elif ((kh, kw) == (4, 4) and strides == (2, 2)
-          and tuple(map(tuple, pads)) == _PAD_1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
-      y = conv_4x4_stride2(x, kernel)
-    else:
-      y = _cpu_conv(strides, padding)(x, kernel)
+    y = _cpu_conv(_pair(self.strides), _padding(self.padding))(x, kernel)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)[None, None, None, :]
@@ -270,7 +144,7 @@ def conv_transpose_2x(x, kernel):
   k = kernel.shape[0]
   cin, cout = kernel.shape[2:]
   batch, height, width, _ = x.shape
-  per_tap = matmul(x.reshape(-1, cin), kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout))
+  per_tap = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout)
   return _add_taps(per_tap.reshape(batch, height, width, k, k, cout))
 
 
