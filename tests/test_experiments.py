@@ -76,3 +76,16 @@ def test_xor_entrypoint_solves_xor():
   assert "no hidden layer, task first_input: solved" in verdicts[0]
   assert "no hidden layer, task xor: NOT solved" in verdicts[1]
   assert "hidden layer of 4 sigmoid units, task xor: solved" in verdicts[2]
+
+
+def test_xor_notes_mode_prints_the_notes_figures():
+  result = run("experiments.xor", "--notes")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [l.strip() for l in result.stdout.splitlines()]
+  # The notes' printed outputs, to the digit.
+  assert "output [.0097 .0079 .9936 .9921]  (notes: [.0097 .0079 .9936 .9921])" in lines
+  assert "output [.0026 .9967 .997 .0039]  (notes: [.0026 .9967 .997 .0039])" in lines
+  # The error every 10,000 iterations, as the NumPy program prints it (Python 2's str(float)).
+  errors = [l.split()[0] for l in lines if l.startswith("Error:")]
+  assert errors == ["Error:0.496410031903", "Error:0.00858452565325", "Error:0.00578945986251",
+                    "Error:0.00462917677677", "Error:0.00395876528027", "Error:0.00351012256786"]
