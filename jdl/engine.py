@@ -122,6 +122,9 @@ def workdir(path: str, record: dict, *, may_change: Sequence[str] = (), extendab
     if differ:
       key = differ[0]
       more = f" (and {len(differ) - 1} more: {', '.join(differ[1:])})" if len(differ) > 1 else ""
+      if key not in previous:  # a setting this jdl has and the one that made the run had not
+        raise ConfigError(f"workdir {path} holds a {record['task']} run of an older jdl, without the "
+                          f"setting {key}{more}; use another --workdir")
       raise ConfigError(f"workdir {path} holds a {record['task']} run with {key}={previous.get(key)!r}, "
                         f"not {record.get(key)!r}{more}; rerun with its settings to resume it, "
                         "or use another --workdir")

@@ -173,7 +173,14 @@ def test_workdir_holds_the_same_run_or_is_refused(tmp_path):
   assert results["epochs_run"] == 3 and len(lines) == 1
   assert json.loads((run / "config.json").read_text())["extended_from_epochs"] == [2]
   assert results["config"]["extended_from_epochs"] == [2]
-  # A run of an older jdl, and an unreadable config.json.
+  # A run of an older jdl (without a setting this one records, or without a
+  # task), and an unreadable config.json.
+  saved = json.loads((run / "config.json").read_text())
+  del saved["learning_rate"]
+  (run / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ConfigError, match=r"holds a least squares run of an older jdl, without the setting "
+                                        r"learning_rate; use another --workdir"):
+    least_squares(run, epochs=3)
   (run / "config.json").write_text(json.dumps({"epochs": 3}))
   with pytest.raises(ConfigError, match="holds a run of an older jdl"):
     least_squares(run, epochs=3)
