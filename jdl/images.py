@@ -82,7 +82,9 @@ def _with_labels(grid, row_labels, title, rows, row_height, padding):
   label_width = max([measure.textlength(t, font=font) for t in row_labels] + [0])
   left = int(label_width) + 12 if row_labels else 0
   top = 24 if title else 0
-  canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+  # Wide enough for the title too, over a narrow grid.
+  title_width = int(measure.textlength(title, font=font)) + 2 * padding if title else 0
+  canvas = Image.new("RGB", (left + max(grid.width, title_width), grid.height + top), "white")
   canvas.paste(grid, (left, top))
   draw = ImageDraw.Draw(canvas)
   if title:

@@ -1,4 +1,5 @@
-"""experiments.gan: the task on tiny networks: conditional, SIGTERM and resume, non-finite steps, errors, the entrypoint."""
+"""experiments.gan: the task on tiny networks: conditional on Fashion-MNIST (floors, goals, the
+exported generator, --sample_only), SIGTERM and resume, non-finite steps, errors, the entrypoint."""
 import dataclasses
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
 
 from interrupts import assert_same_run, sigterm_at_step
 from jdl import gan
@@ -54,31 +56,116 @@ def config(tmp_path, **overrides):
   return gan.GANConfig(**values)
 
 
-def test_conditional_gan_reports_label_match(tmp_path, tiny_shapes, classifier_workdir):
-  results = gan.fit(config(tmp_path, conditional=True, classifier_workdir=classifier_workdir),
-                    tiny_shapes, progress=False, log=lambda *a: None)
-  assert 0.0 <= results["label_match_rate_last_epoch"] <= 1.0
-  assert results["label_match_chance"] == pytest.approx(0.1)
+@pytest.fixture(scope="module")
+def fashion_cgan(tmp_path_factory):
+  """One conditional epoch on real Fashion-MNIST (28x28x1), tiny networks, its own scorer."""
+  tmp_path = tmp_path_factory.mktemp("fashion")
+  data = load_dataset("fashion_mnist", num_train=128, num_test=64)
+  run_config = config(tmp_path, dataset="fashion_mnist", num_train=128, conditional=True)
+  lines = []
+  results = gan.fit(run_config, data, progress=False, log=lines.append)
+  return run_config, results, "\n".join(lines)
+
+
+def test_conditional_gan_on_fashion_mnist_floors_goals_and_the_exported_generator(fashion_cgan):
+  run_config, results, log = fashion_cgan
+  workdir = run_config.workdir
+  # The generator's output follows the data: 28x28x1 from a 7x7 map, two up-samplings.
+  assert results["config"]["input_shape"] == [28, 28, 1] and results["config"]["num_classes"] == 10
+  assert "decoder/deconv2 (ConvTranspose)   (None, 28, 28, 1)" in log
+  # The scorer is trained by Fashion-MNIST's recipe (no augmentation, no
+  # validation split, cosine) for --classifier_epochs.
+  scorer = json.loads(open(os.path.join(workdir, "classifier", "config.json")).read())
+  assert (scorer["augment"], scorer["validation_fraction"], scorer["schedule"], scorer["epochs"]) == (
+      False, 0.0, "cosine", 1)
+  # The floors, next to the distance: real vs real is far below the untrained generator.
+  real, initial = results["frechet_distance_real"], results["frechet_distance_initial"]
+  assert 0 <= real < initial and "Fréchet distance floors" in log
+  assert results["frechet_distance_best_over_real"] == pytest.approx(results["frechet_distance_best"] / real)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  first = lambda ok: next(({"epoch": r["epoch"], "train_time_s": r["train_time_s"]}
+                           for r in rows if ok(r)), None)
+  assert results["frechet_goal_reached"] == first(lambda r: r["frechet_distance"] <= 3 * real)
+  assert results["label_match_goal_reached"] == first(lambda r: r["label_match_rate"] >= 0.85)
+  # The exported generator is the best epoch's, drawn to samples/best.png.
+  best = rows[results["best_epoch"] - 1]
+  assert results["label_match_rate_best_epoch"] == best["label_match_rate"]
+  assert results["exported_generator"]["epoch"] == results["best_epoch"] == 1
+  assert os.path.exists(os.path.join(workdir, "samples", "best.png"))
   # Every class drawn from the same 200 z's: a 10 x 10 confusion matrix.
   report = results["label_report"]
   confusion = np.array(report["confusion"])
   assert confusion.shape == (10, 10) and (confusion.sum(axis=1) == 200).all()
   assert report["match_rate"] == pytest.approx(np.trace(confusion) / 2000)
   assert report["noise_effect"] > 0 and report["label_effect"] > 0
+  assert results["label_match_chance"] == pytest.approx(0.1)
   # The conditional defaults: an AC-GAN class head, whose accuracies are logged.
-  row = json.loads((tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()[-1])
-  assert 0 <= row["d_class_acc_real"] <= 1 and 0 <= row["d_class_acc_fake"] <= 1
+  assert 0 <= rows[-1]["d_class_acc_real"] <= 1 and 0 <= rows[-1]["d_class_acc_fake"] <= 1
   # The sample sheet: one row per class, the same z down each column, big enough
-  # to judge (32 px samples at 3x), with the class names in a margin on the left.
+  # to judge (28 px samples at 3x), with the class names in a margin on the left.
   from PIL import Image
-  sheet = np.asarray(Image.open(tmp_path / "gan" / "samples" / "epoch_001.png").convert("RGB"))
-  grid_w, grid_h = 10 * 98 + 2, 10 * 98 + 2
+  sheet = np.asarray(Image.open(os.path.join(workdir, "samples", "epoch_001.png")).convert("RGB"))
+  grid_w = grid_h = 10 * 86 + 2
   assert sheet.shape[1] > grid_w + 40 and sheet.shape[0] >= grid_h
   margin = sheet[-grid_h:, :sheet.shape[1] - grid_w]
   assert (margin < 128).any() and (margin == 255).mean() > 0.8  # dark text on white
-  z_grid, labels = gan.fixed_noise(config(tmp_path, conditional=True), 10)
+  z_grid, labels = gan.fixed_noise(run_config, 10)
   np.testing.assert_array_equal(np.asarray(labels).reshape(10, 10), np.arange(10)[:, None] * np.ones(10))
   np.testing.assert_array_equal(np.asarray(z_grid)[:10], np.asarray(z_grid)[10:20])
+
+
+def test_sample_only_is_deterministic_and_draws_the_exported_generator(fashion_cgan):
+  from PIL import Image
+  run_config, _, _ = fashion_cgan
+  sample = lambda **kw: gan.sample_only(dataclasses.replace(run_config, sample_only=True, **kw),
+                                        log=lambda *a: None)
+  path = sample(label=7, num=16, seed=0)
+  assert path == os.path.join(run_config.workdir, "samples", "label7_seed0.png")
+  first = open(path, "rb").read()
+  assert open(sample(label=7, num=16, seed=0), "rb").read() == first  # same seed, same picture
+  assert open(sample(label=7, num=16, seed=1), "rb").read() != first
+  # Every class, 10 of each from the training sheet's noise: the very images of
+  # samples/best.png, so the best checkpoint is what is drawn.
+  classes = sample(num=100, seed=run_config.seed + 1)
+  assert classes.endswith("classes_seed1.png")
+  grid = lambda p: np.asarray(Image.open(p).convert("RGB"))[-862:, -862:]
+  np.testing.assert_array_equal(grid(classes),
+                                grid(os.path.join(run_config.workdir, "samples", "best.png")))
+
+
+def test_sample_only_errors_are_one_line(tmp_path, fashion_cgan, capsys):
+  from jdl import cli
+  run_config, _, _ = fashion_cgan
+  sample = lambda workdir, **kw: gan.sample_only(dataclasses.replace(
+      run_config, workdir=str(workdir), sample_only=True, **kw), log=lambda *a: None)
+  with pytest.raises(ConfigError, match=r"--label must be in 0..9 \(fashion_mnist: T-shirt/top, "):
+    sample(run_config.workdir, label=10)
+  record = json.load(open(os.path.join(run_config.workdir, "config.json")))
+  for name, changes in (("unconditional", {"conditional": False}), ("colorize", {"task": "colorize"})):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "config.json").write_text(json.dumps({**record, **changes}))
+  with pytest.raises(ConfigError, match="needs a conditional run; .* holds an unconditional GAN"):
+    sample(tmp_path / "unconditional", label=3)
+  with pytest.raises(ConfigError, match="has no checkpoint yet; train one first"):
+    sample(tmp_path / "unconditional")
+  assert not os.path.exists(tmp_path / "unconditional" / "checkpoints")  # nothing written
+  with pytest.raises(ConfigError, match="holds a colorize run, not a GAN run"):
+    sample(tmp_path / "colorize")
+  with pytest.raises(ConfigError, match="--label applies to --sample_only only"):
+    gan.validate_config(dataclasses.replace(run_config, label=3))
+  # From the command line: one line, exit 2.
+  from experiments import gan as entrypoint
+  cli.define_common_flags()
+  argv = ["gan", "--sample_only", f"--workdir={tmp_path / 'nothing'}"]
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.call(entrypoint.main, cli.parse_flags(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count("\n") == 1 and "holds no trained GAN" in err, err
+  assert not os.path.exists(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -103,12 +103,15 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print,
   Returns (scorer, its test accuracy).
   """
   from jdl import train
-  from jdl.config import TrainConfig, load_run_config
+  from jdl.config import TrainConfig, load_run_config, recipe_for
   from jdl.data import split_validation
   # Batch 128 as experiments.cifar, fewer for tiny training sets (>= 2 steps an epoch).
   # Augmentation and a cosine schedule: on shapes_plain 30 such epochs give a
   # cnn 94.5% test accuracy against 79.6% for 8 plain ones (BUILD_NOTES.md,
   # issue 5), and a scorer that misreads real images misreads samples too.
+  # A dataset with a training recipe (jdl.config.RECIPES) is trained by it
+  # instead, without augmentation: Fashion-MNIST's gives the cnn 92.1% in 20
+  # epochs; --classifier_epochs still sets the epochs.
   devices = list(devices) if devices is not None else jax.devices()
   batch_size = max(1, min(128, int(len(dataset.train[1]) * 0.9) // 2))
   if batch_size >= len(devices):  # a multiple of the device count, to be data parallel
@@ -117,6 +120,10 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print,
                            epochs=config.classifier_epochs, num_train=config.num_train,
                            batch_size=batch_size, augment=True, schedule="cosine",
                            seed=config.seed, workdir=config.classifier_workdir or os.path.join(workdir, "classifier"))
+  recipe = recipe_for(config.dataset, "cnn")
+  if recipe:
+    cnn_config = dataclasses.replace(cnn_config, **{**recipe, "augment": False,
+                                                    "epochs": config.classifier_epochs})
   if config.classifier_workdir:
     cnn_config, _ = load_run_config(config.classifier_workdir, "classifier_workdir")
     if cnn_config.dataset != config.dataset:
