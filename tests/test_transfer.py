@@ -75,6 +75,10 @@ def test_head_replacement_and_cut_shapes():
   hidden = abstract(transfer.TransferModel(backbone.clone(cut_at="pre_logits"), num_classes=7,
                                            head_hidden=32))["params"]["head"]
   assert hidden["hidden"]["kernel"].shape == (16, 32) and hidden["fc"]["kernel"].shape == (32, 7)
+  # A flatten head keeps where each pattern is: H * W * C inputs.
+  flat = abstract(transfer.TransferModel(transfer.cut_model(backbone, "layer2", SHAPE), num_classes=5,
+                                         head_pool="flatten"))["params"]["head"]
+  assert flat["fc"]["kernel"].shape == (4 * 4 * 8, 5)
   with pytest.raises(ConfigError, match="'layer9' is not a layer of ResNet; choose one of: "
                                         "stem, layer1, layer2, layer3, pre_logits"):
     transfer.cut_model(backbone, "layer9", SHAPE)
@@ -157,6 +161,40 @@ def test_feature_cache_round_trip_staleness_and_pickle_refusal(tmp_path):
   assert not marker.exists()
 
 
+def test_fashion_mnist_family_splits_the_classes_and_its_different_target_is_grey_shapes():
+  tasks = transfer.fashion_mnist_tasks(seed=0, source_per_class=8, small_per_class=3, large_per_class=6,
+                                       test_per_class=4)
+  assert tasks["source"].class_names == ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat")
+  assert tasks["similar_small"].class_names == ("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+  assert tasks["different_small"].class_names == ("cross", "star", "crescent", "heart", "bar")
+  for name, per_class in (("source", 8), ("similar_small", 3), ("similar_large", 6),
+                          ("different_small", 3), ("different_large", 6)):
+    data = tasks[name]
+    assert data.input_shape == (28, 28, 1) and data.train[0].dtype == np.uint8, name
+    assert np.bincount(data.train[1], minlength=5).tolist() == [per_class] * 5, name
+    assert np.bincount(data.test[1], minlength=5).tolist() == [4] * 5, name
+  # The classes are Fashion-MNIST's, split in two: no source image is a target image.
+  from jdl.data import load_dataset
+  fashion = load_dataset("fashion_mnist")
+  index = {image.tobytes(): label for image, label in zip(*fashion.train)}
+  index.update({image.tobytes(): label for image, label in zip(*fashion.test)})
+  for name, classes in (("source", (0, 1, 2, 3, 4)), ("similar_large", (5, 6, 7, 8, 9))):
+    for images, labels in (tasks[name].train, tasks[name].test):
+      np.testing.assert_array_equal([index[image.tobytes()] for image in images], np.array(classes)[labels])
+  # The small set is the start of the large one, for both targets.
+  for kind in ("similar", "different"):
+    small, large = tasks[f"{kind}_small"].train, tasks[f"{kind}_large"].train
+    for c in range(5):
+      np.testing.assert_array_equal(small[0][small[1] == c], large[0][large[1] == c][:3])
+  # The different target is not clothing: none of its images is in Fashion-MNIST.
+  assert not any(image.tobytes() in index for image in tasks["different_large"].train[0])
+  # Unset sizes are the family's: all of Fashion-MNIST but 50 per class for the small sets.
+  sized = transfer.with_sizes(transfer.TransferConfig(dataset="fashion_mnist"))
+  assert (sized.source_per_class, sized.small_per_class, sized.large_per_class, sized.test_per_class) == (
+      6000, 50, 6000, 1000)
+  assert transfer.with_sizes(transfer.TransferConfig(dataset="shapes", large_per_class=300)).large_per_class == 300
+
+
 def test_shapes_tasks_are_disjoint_classes_and_styles():
   tasks = transfer.shapes_tasks(seed=0, source_per_class=4, small_per_class=2, large_per_class=5,
                                 test_per_class=3)
@@ -181,7 +219,8 @@ def test_shapes_tasks_are_disjoint_classes_and_styles():
     (dict(pretrained_workdir="/nonexistent/run"), "holds no experiments.cifar run"),
     (dict(pretrained_weights="model.pt", model="resnet18"), "never loads pickle"),
     (dict(fine_tune_from_pretrained=True, scenario="small_similar"), "large_different only"),
-    (dict(dataset="cifar10"), "needs --pretrained_workdir or --pretrained_weights"),
+    (dict(dataset="cifar10"), "needs --pretrained_workdir or --pretrained_weights (only the task "
+                              "families fashion_mnist, shapes have a source task"),
     (dict(large_per_class=10, small_per_class=10), "must be larger than small_per_class"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
     (dict(head_hidden=-1), "head_hidden must be >= 0, got -1"),
@@ -202,11 +241,14 @@ SMALL = dict(model="lenet5", source_per_class=24, small_per_class=6, large_per_c
 
 @pytest.fixture(scope="module")
 def scenario_all(tmp_path_factory):
+  """On the real Fashion-MNIST family (28x28x1), with the notes' bottleneck recipe:
+  cached features and a GlobalAveragePooling + Dense head."""
   workdir = str(tmp_path_factory.mktemp("transfer") / "run")
   # Inputs normalised with the pretraining run's statistics (not the default):
   # that path reaches both train.fit and the bottleneck features.
   config = transfer.TransferConfig(**{**transfer.FLAG_DEFAULTS, **SMALL, "workdir": workdir,
-                                      "bottleneck": True, "normalize_inputs": "pretrained"})
+                                      "dataset": "fashion_mnist", "bottleneck": True, "head_pool": "avg",
+                                      "normalize_inputs": "pretrained"})
   lines = []
   results = transfer.run(config, progress=False, log=lines.append)
   return config, workdir, results, "\n".join(lines)
@@ -221,14 +263,19 @@ def test_scenario_all_writes_the_table(scenario_all):
   for row in rows.values():
     assert 0.0 <= row["test_accuracy"] <= 1.0 and row["epochs"] == 2
     assert 0.0 <= row["scratch"]["test_accuracy"] <= 1.0
+  assert rows["small_similar"]["data"] == "fashion_mnist-similar-small"
+  assert rows["small_different"]["data"] == "shapes_grey28-different-small"
+  assert results["pretrained"]["source"].endswith("pretrain")
   # small_similar trains only the new head on lenet5's 84 pre-logits: 84 * 5 + 5.
   assert rows["small_similar"]["trainable_params"] == 84 * 5 + 5
   assert rows["small_different"]["cut_at"] == "block2"  # lenet5 without its Dense 120, 84
-  assert rows["small_different"]["trainable_params"] == 5 * 5 * 16 * 5 + 5  # flatten (5, 5, 16)
+  assert rows["small_different"]["features_shape"] == [4, 4, 16]  # at 28x28
+  assert rows["small_different"]["trainable_params"] == 16 * 5 + 5  # GlobalAveragePooling, Dense
   for name in ("small_similar", "small_different", "large_similar"):
     assert rows[name]["normalize_inputs"] == "pretrained"
   with open(os.path.join(workdir, "pretrain", "config.json")) as f:
-    assert json.load(f)["augment"]  # --pretrain_augment's default
+    pretrain = json.load(f)
+  assert pretrain["augment"] and pretrain["dataset"] == "fashion_mnist-source"  # --pretrain_augment's default
   assert rows["small_similar"]["bottleneck"] and rows["small_similar"]["bottleneck_speedup"] > 1
   assert os.path.exists(os.path.join(workdir, "small_similar", "features.npz"))
   # Fine-tuning trains everything but the cut-off old head; from scratch is the baseline.
@@ -240,14 +287,13 @@ def test_scenario_all_writes_the_table(scenario_all):
 
 def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
   config, workdir, results, _ = scenario_all
-  tasks = transfer.shapes_tasks(config.seed, config.source_per_class, config.small_per_class,
-                                config.large_per_class, config.test_per_class)
+  tasks = transfer.target_tasks(config)
   # The pretraining run is an experiments.cifar workdir: load it as one (no target
   # structure), and compare with Orbax's restore into a freshly built state.
   pretrained = transfer.load_workdir(os.path.join(workdir, "pretrain"))
   assert pretrained.model.num_classes == 5 and type(pretrained.model).__name__ == "LeNet5"
   tx, _ = train.build_optimizer(transfer.experiment._train_config(config), 10, 10)
-  target = train.create_train_state(pretrained.model, (32, 32, 3), tx, jax.random.key(0))
+  target = train.create_train_state(pretrained.model, (28, 28, 1), tx, jax.random.key(0))
   best, _ = checkpoint.Checkpoints(os.path.join(workdir, "pretrain"), best_mode="max").restore_best(target)
   for a, b in zip(jax.tree.leaves(pretrained.variables["params"]), jax.tree.leaves(best.params)):
     np.testing.assert_array_equal(a, b)

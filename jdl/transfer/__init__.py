@@ -24,10 +24,12 @@ The pieces, by module (all importable from `jdl.transfer`):
   features    bottleneck_features / FeatureCache: the frozen part run once over
               the data, its outputs kept in WORKDIR as a NumPy archive (never
               pickle) to train the head on.
-  tasks       shapes_tasks, the offline demonstration: source task shapes
-              classes 0-4; similar target classes 5-9 in the same style;
-              different target classes 5-9 as line sketches; small and large
-              sets.
+  tasks       the task families, by --dataset (FAMILIES): shapes_tasks, the
+              offline demonstration (source: shapes classes 0-4; similar:
+              classes 5-9 in the same style; different: classes 5-9 as line
+              sketches) and fashion_mnist_tasks, on real images (source:
+              T-shirt/top..Coat; similar: Sandal..Ankle boot; different: grey
+              28x28 shapes); small and large sets.
   experiment  run, experiments.transfer: pretrain (or load), run the scenarios
               and their from-scratch baselines, write a table.
 
@@ -47,16 +49,18 @@ goes through it.
 """
 from jdl.transfer.experiment import (FLAG_DEFAULTS, SCENARIOS, TransferConfig, format_table,
                                      pretrained_model, run, run_scenario, scratch_baseline,
-                                     target_tasks, validate)
+                                     target_tasks, validate, with_sizes)
 from jdl.transfer.features import FeatureCache, bottleneck_features, fingerprint
 from jdl.transfer.model import (FROZEN_BACKBONE, Head, TransferModel, cut_model, default_cut,
                                 feature_names, init_variables)
-from jdl.transfer.tasks import SOURCE_CLASSES, TARGET_CLASSES, shapes_tasks, sketch
+from jdl.transfer.tasks import (FAMILIES, FASHION_SOURCE, FASHION_TARGET, SOURCE_CLASSES, TARGET_CLASSES,
+                                TaskFamily, fashion_mnist_tasks, grey, shapes_tasks, sketch)
 from jdl.transfer.weights import Pretrained, load_safetensors_resnet, load_workdir, restore_matching
 
-__all__ = ["FLAG_DEFAULTS", "FROZEN_BACKBONE", "FeatureCache", "Head", "Pretrained", "SCENARIOS",
-           "SOURCE_CLASSES", "TARGET_CLASSES", "TransferConfig", "TransferModel",
-           "bottleneck_features", "cut_model", "default_cut", "feature_names", "fingerprint",
-           "format_table", "init_variables", "load_safetensors_resnet", "load_workdir",
-           "pretrained_model", "restore_matching", "run", "run_scenario", "scratch_baseline",
-           "shapes_tasks", "sketch", "target_tasks", "validate"]
+__all__ = ["FAMILIES", "FASHION_SOURCE", "FASHION_TARGET", "FLAG_DEFAULTS", "FROZEN_BACKBONE",
+           "FeatureCache", "Head", "Pretrained", "SCENARIOS", "SOURCE_CLASSES", "TARGET_CLASSES",
+           "TaskFamily", "TransferConfig", "TransferModel", "bottleneck_features", "cut_model",
+           "default_cut", "fashion_mnist_tasks", "feature_names", "fingerprint", "format_table", "grey",
+           "init_variables", "load_safetensors_resnet", "load_workdir", "pretrained_model",
+           "restore_matching", "run", "run_scenario", "scratch_baseline", "shapes_tasks", "sketch",
+           "target_tasks", "validate", "with_sizes"]

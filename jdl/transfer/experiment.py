@@ -15,7 +15,7 @@ from jdl.errors import ConfigError
 from jdl.logs import read_jsonl, write_json
 from jdl.transfer.features import FeatureCache, bottleneck_features, fingerprint
 from jdl.transfer.model import FROZEN_BACKBONE, Head, TransferModel, cut_model, default_cut, init_variables
-from jdl.transfer.tasks import _pick, shapes_tasks
+from jdl.transfer.tasks import FAMILIES, _pick
 from jdl.transfer.weights import (Pretrained, _recorded_stats, _saved_config, load_safetensors_resnet,
                                   load_workdir, restore_matching)
 
@@ -27,7 +27,8 @@ class TransferConfig(TrainConfig):
   """TrainConfig's training flags, plus the transfer set-up."""
   scenario: str = option("all", "small_similar, small_different, large_similar, large_different, or all")
   pretrained_workdir: Optional[str] = option(None, "an experiments.cifar workdir whose best parameters are the "
-                                             "pretrained model (default: pretrain on the shapes source task)")
+                                             "pretrained model (default: pretrain on the source task of "
+                                             "--dataset's task family)")
   pretrained_weights: Optional[str] = option(None, "a torchvision-layout ResNet state dict as .safetensors "
                                              "(never pickle) for --model=resnet18/resnet34")
   cut_at: Optional[str] = option(None, "feature to cut the pretrained model at (default: a middle feature for "
@@ -44,21 +45,36 @@ class TransferConfig(TrainConfig):
                             "in WORKDIR, train only the head on them")
   fine_tune_from_pretrained: bool = option(False, "large_different: fine-tune from the pretrained weights "
                                            "instead of training from scratch")
-  pretrain_epochs: int = option(30, "epochs of the pretraining run on the shapes source task")
+  pretrain_epochs: int = option(30, "epochs of the pretraining run on the source task")
   pretrain_augment: bool = option(True, "augment (translate, flip) the pretraining run's images")
-  source_per_class: int = option(1000, "shapes source task: training images per class (5 classes)")
-  small_per_class: int = option(50, "training images per class of the small target sets")
-  large_per_class: int = option(500, "training images per class of the large target sets")
-  test_per_class: int = option(200, "test images per class of every shapes task")
+  # Set sizes; unset: the task family's (shapes: 1000, 50, 500, 200; fashion_mnist: all 6,000, 50,
+  # all 6,000, all 1,000). Without a family only small_per_class and large_per_class apply.
+  source_per_class: Optional[int] = option(None, "source task: training images per class (5 classes) "
+                                           "(default: shapes 1000, fashion_mnist all 6000)")
+  small_per_class: Optional[int] = option(None, "training images per class of the small target sets "
+                                          "(default: 50)")
+  large_per_class: Optional[int] = option(None, "training images per class of the large target sets "
+                                          "(default: shapes 500, fashion_mnist all 6000)")
+  test_per_class: Optional[int] = option(None, "test images per class of every task of the family "
+                                         "(default: shapes 200, fashion_mnist all 1000)")
 
 
 # Flag defaults of experiments.transfer that differ from TrainConfig's.
 FLAG_DEFAULTS = {"dataset": "shapes", "batch_size": 32, "epochs": 15}
+SIZES = ("source_per_class", "small_per_class", "large_per_class", "test_per_class")
+
+
+def with_sizes(config: TransferConfig) -> TransferConfig:
+  """`config` with every unset set size (None) given its task family's default
+  (the shapes family's for a --dataset without a family)."""
+  family = FAMILIES.lookup(config.dataset if config.dataset in FAMILIES else "shapes")
+  return dataclasses.replace(config, **{k: family.sizes[k] for k in SIZES if getattr(config, k) is None})
 
 
 def validate(config: TransferConfig) -> None:
   """Raises ConfigError (one line) for a bad value or combination, before any compile."""
   validate_train_config(config)
+  config = with_sizes(config)
 
   def check(ok, message):
     if not ok:
@@ -85,9 +101,9 @@ def validate(config: TransferConfig) -> None:
           f"--pretrained_weights {config.pretrained_weights} does not exist")
     check(config.model in ("resnet18", "resnet34"),
           f"--pretrained_weights holds a torchvision ResNet; use --model=resnet18 or resnet34, not {config.model!r}")
-  check(not (config.dataset != "shapes" and not (config.pretrained_workdir or config.pretrained_weights)),
+  check(config.dataset in FAMILIES or config.pretrained_workdir or config.pretrained_weights,
         f"--dataset={config.dataset} needs --pretrained_workdir or --pretrained_weights "
-        "(only the built-in shapes family has a source task to pretrain on)")
+        f"(only the task families {', '.join(FAMILIES)} have a source task to pretrain on)")
   check(not (config.bottleneck and config.scenario in ("large_similar", "large_different")),
         f"--bottleneck needs a frozen backbone; scenario {config.scenario} fine-tunes it")
   check(not (config.bottleneck and config.augment),
@@ -113,10 +129,13 @@ def _subsample(dataset: Dataset, per_class: int, name: str) -> Dataset:
 
 
 def target_tasks(config: TransferConfig) -> Dict[str, Dataset]:
-  """{'similar_small', ...} datasets: the shapes family, or --dataset subsampled."""
-  if config.dataset == "shapes":
-    return shapes_tasks(config.seed, config.source_per_class, config.small_per_class,
-                        config.large_per_class, config.test_per_class)
+  """{'source', 'similar_small', ...} datasets: --dataset's task family
+  (`jdl.transfer.tasks.FAMILIES`), or without one --dataset subsampled (no source)."""
+  config = with_sizes(config)
+  if config.dataset in FAMILIES:
+    return FAMILIES.lookup(config.dataset).build(
+        config.seed, config.source_per_class, config.small_per_class, config.large_per_class,
+        config.test_per_class, data_dir=config.data_dir, download=config.download)
   data = load_dataset(config.dataset, data_dir=config.data_dir, num_test=config.num_test or None,
                       download=config.download)
   # One target dataset: whether it is "similar" is the user's call via --scenario.
@@ -135,10 +154,10 @@ def pretrained_model(config: TransferConfig, source: Optional[Dataset], workdir:
   if config.pretrained_weights:
     return load_safetensors_resnet(config.pretrained_weights, config.model,
                                    (32, 32, 3), dtype)
-  pre_config = _train_config(config, dataset="shapes-source", epochs=config.pretrain_epochs,
+  pre_config = _train_config(config, dataset=source.name, epochs=config.pretrain_epochs,
                              workdir=os.path.join(workdir, "pretrain"),
                              augment=config.pretrain_augment)
-  log(f"Pretraining {config.model} on the shapes source task ({len(source.train[1])} images, "
+  log(f"Pretraining {config.model} on the {config.dataset} source task ({len(source.train[1])} images, "
       f"classes {', '.join(source.class_names)}) in {pre_config.workdir}")
   state, results = train.fit(pre_config, source, progress=progress, log=lambda line: None)
   log(f"  pretrained: test accuracy {results['test_accuracy']:.2%} on the source task")
@@ -299,6 +318,7 @@ def run(config: TransferConfig, *, progress: bool = True, log=print) -> dict:
   """
   start = time.time()
   validate(config)
+  config = with_sizes(config)  # recorded as numbers
   workdir = config.workdir or engine.default_workdir("transfer", config.dataset, config.model,
                                                      seed=config.seed)
   record = {"task": "transfer", **dataclasses.asdict(config)}
