@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  config = cli.config_from_flags(config_lib.TrainConfig)
+  config = cli.config_from_flags(config_lib.TrainConfig, "", config_lib.apply_preset)  # recipes
   config_lib.validate(config)  # Before anything loads or compiles.
   cli.enable_compilation_cache()
   (seeds.fit if config.num_seeds > 1 else train.fit)(config)

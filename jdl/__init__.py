@@ -7,11 +7,12 @@
   state, results = jdl.fit(jdl.TrainConfig(dataset="shapes", model="cnn", epochs=5), dataset)
 
 Submodules: activations, losses, metrics, optim (optimizers and schedules by
-name), models, data, train, checkpoint, summary, xla (`xla.jit`: jax.jit with
+name), models, data, heads (softmax, sigmoid, multi-label and regression
+outputs), train, checkpoint, summary, xla (`xla.jit`: jax.jit with
 the compile options jdl's steps use), gd and xor (the course notes'
 gradient-descent and numpy-network examples).
 """
-from jdl import activations, config, data, losses, metrics, models, optim, summary, train, xla  # noqa: F401
+from jdl import activations, config, data, heads, losses, metrics, models, optim, summary, train, xla  # noqa: F401
 from jdl.config import TrainConfig  # noqa: F401
 from jdl.data import Dataset, load_dataset  # noqa: F401
 from jdl.errors import CheckpointError, ConfigError, DataError, JdlError  # noqa: F401

@@ -12,6 +12,9 @@ The pieces, top to bottom:
   fit                 the task: data, model, optimizer, state, then `engine.run`
                       (epochs with validation, best checkpoint by validation
                       accuracy, early stopping), then the test figures.
+The output head (--head: softmax, sigmoid, multilabel, regression) supplies
+the loss, metrics and best-checkpoint criterion (`jdl.heads`); softmax is the
+default and the classifier described here.
 Randomness is explicit: the run's key is split once into init/data/step keys;
 step s uses fold_in(step_key, s) and epoch e's order uses fold_in(data_key, e),
 so a resumed run replays exactly the batches and dropout masks it would have
@@ -26,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl import engine, losses, metrics as metrics_lib, optim, parallel, xla
+from jdl import engine, heads as heads_lib, losses, optim, parallel, xla
 from jdl.config import TrainConfig, validate
 from jdl.core import PRNG_IMPL, TrainState, apply_if_finite, init_variables, model_variables
-from jdl.data import Dataset, load_dataset, pipeline, split_validation
+from jdl.data import Dataset, augmentation, load_dataset, pipeline, split_validation
 from jdl.errors import ConfigError
 from jdl.models import build_model
 from jdl.summary import summarize
@@ -91,7 +94,8 @@ def create_train_state(model, input_shape, tx, rng, *, variables=None,
 # ----------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
-               l1: float = 0.0, l2: float = 0.0, top_k: int = 5, frozen_stats=None):
+               l1: float = 0.0, l2: float = 0.0, top_k: int = 5, frozen_stats=None,
+               head: Optional[heads_lib.Head] = None):
   """One gradient step on a batch. Pure: jit it, vmap it, scan it.
 
   A step whose loss or gradients are not finite changes nothing but the step
@@ -101,25 +105,29 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
 
   Arguments:
     state: the TrainState.
-    batch: (images (B, H, W, C) float, labels (B,) int32).
+    batch: (images (B, H, W, C) float, labels (B,) int32, or as the head's
+      dataset holds them).
     rng: key for dropout.
     label_smoothing, l1, l2: loss terms (see jdl.losses); static.
     top_k: also report top-k accuracy when there are more than k classes.
     frozen_stats: optional tree of Python bools like state.batch_stats; True
       leaves (BatchNorm statistics of frozen layers) keep their old values.
+    head: the output head (`jdl.heads`); None: softmax with `top_k`.
   Returns:
-    (new state, metrics dict of scalars: loss, accuracy, [top5,] grad_norm,
-    status: int32, 0 good, 1 non-finite loss, 2 non-finite gradients).
+    (new state, metrics dict of scalars: loss, the head's batch metrics
+    (softmax: accuracy, [top5]), grad_norm, status: int32, 0 good, 1
+    non-finite loss, 2 non-finite gradients).
     Metrics of a skipped step are those of the failed attempt (so they show
     what went wrong).
   """
   images, labels = batch
+  head = head or heads_lib.Softmax(top_k=top_k)
 
   def loss_fn(params):
     (logits, _), updates = state.apply_fn(
         model_variables(state, params), images, train=True, rngs={"dropout": rng},
         mutable=["batch_stats"])
-    data_loss = losses.softmax_cross_entropy(logits, labels, label_smoothing).mean()
+    data_loss = head.loss(logits, labels, label_smoothing).mean()
     loss = data_loss
     if l1:
       loss = loss + l1 * losses.l1_penalty(params)
@@ -133,34 +141,33 @@ def train_step(state: TrainState, batch, rng, *, label_smoothing: float = 0.0,
     batch_stats = jax.tree.map(lambda keep, old, new: old if keep else new,
                                frozen_stats, state.batch_stats, batch_stats)
   state, status, grad_norm = apply_if_finite(state, grads, loss, batch_stats=batch_stats)
-  metrics = {"loss": data_loss,
-             "accuracy": metrics_lib.accuracy(logits, labels).mean(),
-             "grad_norm": grad_norm,
-             "status": status}
-  if logits.shape[-1] > top_k:
-    metrics[f"top{top_k}"] = metrics_lib.top_k_accuracy(logits, labels, top_k).mean()
+  metrics = {"loss": data_loss, **head.train_metrics(logits, labels),
+             "grad_norm": grad_norm, "status": status}
   return state, metrics
 
 
-def eval_step(state: TrainState, batch, mask, *, top_k: int = 5) -> Dict[str, jax.Array]:
+def _eval_outputs(state: TrainState, batch, mask, head: heads_lib.Head):
+  """(metric sums, per-example values the head gathers) of one padded batch."""
+  images, labels = batch
+  logits, _ = state.apply_fn(model_variables(state), images, train=False)
+  return head.eval_sums(logits, labels, mask)
+
+
+def eval_step(state: TrainState, batch, mask, *, top_k: int = 5,
+              head: Optional[heads_lib.Head] = None) -> Dict[str, jax.Array]:
   """Metric SUMS over the real (mask == 1) examples of a padded batch.
 
   Arguments:
     state: the TrainState (BatchNorm uses its running statistics).
     batch: (images (B, H, W, C) float, labels (B,) int32).
     mask: (B,) float, 0 for padding.
+    head: the output head (`jdl.heads`); None: softmax with `top_k`.
   """
-  images, labels = batch
-  logits, _ = state.apply_fn(model_variables(state), images, train=False)
-  sums = {"loss": (losses.softmax_cross_entropy(logits, labels) * mask).sum(),
-          "accuracy": (metrics_lib.accuracy(logits, labels) * mask).sum(),
-          "count": mask.sum()}
-  if logits.shape[-1] > top_k:
-    sums[f"top{top_k}"] = (metrics_lib.top_k_accuracy(logits, labels, top_k) * mask).sum()
-  return sums
+  return _eval_outputs(state, batch, mask, head or heads_lib.Softmax(top_k=top_k))[0]
 
 
-def make_step(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_sharding=None):
+def make_step(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_sharding=None,
+              head: Optional[heads_lib.Head] = None):
   """The task's step for `jdl.engine`: (state, inputs, index) -> (state, metrics).
 
   `inputs` = (data, order, step_key): data = {'images': uint8 (N, H, W, C) or
@@ -170,11 +177,13 @@ def make_step(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_shar
   augmented on the device, then `train_step` updates. With `batch_sharding`
   (data parallel, see jdl.parallel) the gathered batch is split over the
   devices along its first axis. Unjitted: the engine jits it (and `jdl.seeds`
-  vmaps it first).
+  vmaps it first). `head`: the output head (default: the one `config` names).
   """
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
+  aug_spec = augmentation.AugmentSpec.from_config(config)
   step_fn = functools.partial(train_step, label_smoothing=config.label_smoothing,
-                              l1=config.l1, l2=config.l2, top_k=top_k, frozen_stats=frozen_stats)
+                              l1=config.l1, l2=config.l2, top_k=top_k, frozen_stats=frozen_stats,
+                              head=head or heads_lib.from_config(config, top_k))
 
   def step(state, inputs, index):
     data, order, step_key = inputs
@@ -184,23 +193,27 @@ def make_step(config: TrainConfig, top_k: int = 5, frozen_stats=None, batch_shar
     aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
     images = pipeline.normalize(images, data["mean"], data["std"], dtype)
     if config.augment:
-      images = pipeline.augment(aug_key, images)
+      images = augmentation.augment(aug_key, images, aug_spec)
     return step_fn(state, (images, labels), dropout_key)
 
   return step
 
 
-def make_eval_fn(config: TrainConfig, top_k: int = 5, batch_sharding=None, jit: bool = True):
+def make_eval_fn(config: TrainConfig, top_k: int = 5, batch_sharding=None, jit: bool = True,
+                 head: Optional[heads_lib.Head] = None):
   """The jitted evaluation step: (state, sums, images, labels, mask, stats) ->
-  sums plus this batch's metric sums; `jit=False`: the function unjitted,
-  for a caller that jits it inside its own program (`jdl.seeds` vmaps it)."""
+  (sums plus this batch's metric sums, the batch's per-example values the head
+  gathers: {} but for the sigmoid head's logits); `jit=False`: the function
+  unjitted, for a caller that jits it inside its own program (`jdl.seeds`
+  vmaps it). `head`: the output head (default: the one `config` names)."""
   dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
+  head = head or heads_lib.from_config(config, top_k)
 
   def eval_fn(state, sums, images, labels, mask, stats):
     images, labels, mask = parallel.shard_batch((images, labels, mask), batch_sharding)
     images = pipeline.normalize(images, *stats, dtype)
-    batch_sums = eval_step(state, (images, labels), mask, top_k=top_k)
-    return jax.tree.map(jnp.add, sums, batch_sums)
+    batch_sums, gathered = _eval_outputs(state, (images, labels), mask, head)
+    return jax.tree.map(jnp.add, sums, batch_sums), gathered
 
   return xla.jit(eval_fn) if jit else eval_fn
 
@@ -216,29 +229,42 @@ def batch_for_eval(split, batch_size: int, sharding=None):
   pad = num_batches * batch_size - len(labels)
   mask = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
   images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)])
   shape = lambda a: a.reshape(num_batches, batch_size, *a.shape[1:])
   return jax.device_put((shape(images), shape(labels), shape(mask)), sharding)
 
 
 def eval_names(num_classes: int, top_k: int = 5):
-  """The keys of eval_step's sums."""
-  return ["loss", "accuracy"] + ([f"top{top_k}"] if num_classes > top_k else []) + ["count"]
+  """The keys of eval_step's sums (softmax)."""
+  return list(heads_lib.Softmax(top_k=top_k).sum_shapes(num_classes))
 
 
-def evaluate(eval_fn, state: TrainState, batched, num_classes: int, replicas: int = 0):
-  """Mean metrics of a split prepared by `batch_for_eval` (one host sync).
+def evaluate(eval_fn, state: TrainState, batched, num_classes: int, replicas: int = 0,
+             head: Optional[heads_lib.Head] = None):
+  """Metrics of a split prepared by `batch_for_eval` (one host sync).
 
-  `replicas`: N stacked states (`jdl.seeds`): each metric is then an (N,) array.
+  Arguments:
+    eval_fn: `make_eval_fn`'s function with its stats bound.
+    state: the TrainState.
+    batched: (images, labels, mask) from `batch_for_eval`.
+    num_classes: the model's outputs.
+    replicas: N stacked states (`jdl.seeds`): each metric is then an (N,) array.
+    head: the output head eval_fn was made with (default softmax): it turns
+      the sums (and gathered values) into the split's metrics.
   """
+  head = head or heads_lib.Softmax()
   images, labels, mask = batched
   shape = (replicas,) if replicas else ()
-  sums = {name: jnp.zeros(shape, jnp.float32) for name in eval_names(num_classes)}
+  sums = {name: jnp.zeros(shape + s, jnp.float32) for name, s in head.sum_shapes(num_classes).items()}
+  gathered = []
   for i in range(images.shape[0]):
-    sums = eval_fn(state, sums, images[i], labels[i], mask[i])
-  sums = jax.device_get(sums)
-  count = np.maximum(sums.pop("count"), 1.0)
-  return {k: (v / count if replicas else float(v) / float(count)) for k, v in sums.items()}
+    sums, values = eval_fn(state, sums, images[i], labels[i], mask[i])
+    gathered.append(values)
+  if gathered[0]:  # per-example values: the labels and mask come along
+    sums, gathered, labels, mask = jax.device_get((sums, gathered, labels, mask))
+  else:
+    sums = jax.device_get(sums)
+  return head.finish(sums, gathered, labels, mask, replicas)
 
 
 # ----------------------------------------------------------------------------
@@ -260,6 +286,7 @@ def load_splits(config: TrainConfig, dataset: Optional[Dataset] = None, mesh=Non
     dataset = load_dataset(config.dataset, data_dir=config.data_dir,
                            num_train=config.num_train or None, num_test=config.num_test or None,
                            seed=config.seed, download=config.download)
+  heads_lib.check(config.head, dataset.label_type, dataset.num_classes, dataset.name)
   train, val = split_validation(dataset.train, config.validation_fraction, config.seed)
   if config.augment and len(dataset.input_shape) != 3:
     raise ConfigError(f"--augment needs images (H, W, C); {dataset.name} has inputs of shape "
@@ -282,10 +309,10 @@ def run_record(config: TrainConfig, dataset: Dataset, mean, std, task: str = "cl
           "input_std": np.asarray(std, np.float64).tolist()}
 
 
-def _format_row(row: Dict[str, float]) -> str:
-  parts = [f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2%}"]
-  if "val_loss" in row:
-    parts.append(f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.2%}")
+def _format_row(row: Dict[str, float], head: heads_lib.Head) -> str:
+  """'train loss 0.1234 acc 95.00%  val loss ...  1.2s (9,000 ex/s)': the head's metrics."""
+  parts = [f"{split} {heads_lib.format_metrics(row, head.shown, f'{split}_')}"
+           for split in ("train", "val") if f"{split}_loss" in row]
   parts.append(f"{row['epoch_time_s']:.1f}s ({row['examples_per_s']:,.0f} ex/s)")
   return "  ".join(parts)
 
@@ -317,8 +344,8 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
     log: where status lines go (print by default).
   Returns:
     (state, results): the TrainState evaluated on test (the best by validation
-    accuracy when there is a validation split) and the dict also written to
-    WORKDIR/results.json.
+    accuracy, or the metric `config.head` picks by, when there is a validation
+    split) and the dict also written to WORKDIR/results.json.
   """
   validate(config)
   if config.num_seeds > 1:
@@ -327,8 +354,13 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
   mesh = parallel.data_mesh(devices)
   dataset, train, val, (mean, std) = load_splits(config, dataset, mesh, input_stats)
   num_train, num_classes = len(train[1]), dataset.num_classes
+  # The head learns what it needs from the training labels (regression: their
+  # mean and std) and encodes every split's labels for the step.
+  head = heads_lib.from_config(config).with_stats(train[1])
+  train, val, test = head.encode(train), head.encode(val), head.encode(dataset.test)
+  num_outputs = head.outputs(num_classes)
   steps_per_epoch = num_train // config.batch_size  # The remainder is dropped; order changes every epoch.
-  record = {**run_record(config, dataset, mean, std),
+  record = {**run_record(config, dataset, mean, std), **head.record(),
             **({"model_class": type(model).__name__} if model is not None else {}),
             **({"optimizer": "given to fit"} if tx is not None else {}), **(extra_record or {})}
   workdir = config.workdir or engine.default_workdir(config.dataset, config.model, seed=config.seed)
@@ -339,15 +371,17 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
     replicated, batch_sharding = parallel.shardings(mesh)
     data = jax.device_put({"images": train[0], "labels": train[1], "mean": mean, "std": std},
                           replicated)
-    eval_batch_size = parallel.round_up(min(1000, max(len(dataset.test[1]), 1)), mesh)
+    eval_batch_size = parallel.round_up(min(1000, max(len(test[1]), 1)), mesh)
     val_batched = batch_for_eval(val, eval_batch_size, replicated) if len(val[1]) else None
-    test_batched = batch_for_eval(dataset.test, eval_batch_size, replicated)
+    test_batched = batch_for_eval(test, eval_batch_size, replicated)
 
     # --- Model, optimizer and state. ---
-    model = model or build_classifier(config, num_classes)
+    model = model or build_classifier(config, num_outputs)
     summary = summarize(model, dataset.input_shape,
                         frozen=optim.path_matcher(frozen) if frozen else None)
-    log(f"Model {config.model} on {dataset.name} {dataset.input_shape}, {num_classes} classes\n{summary}")
+    outputs = (f"{num_classes} classes" if head.name == "softmax"
+               else f"{head.name} head, {num_outputs} output{'s' * (num_outputs > 1)}")
+    log(f"Model {config.model} on {dataset.name} {dataset.input_shape}, {outputs}\n{summary}")
     schedule = None
     if tx is None:
       tx, schedule = build_optimizer(config, steps_per_epoch * config.epochs, steps_per_epoch)
@@ -360,44 +394,52 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
     parallel.announce(mesh, config.batch_size, log)
 
     # --- What the loop calls. ---
-    eval_fn = functools.partial(parallel.within(mesh, make_eval_fn(config, batch_sharding=batch_sharding)),
-                                stats=(data["mean"], data["std"]))
+    eval_fn = functools.partial(
+        parallel.within(mesh, make_eval_fn(config, batch_sharding=batch_sharding, head=head)),
+        stats=(data["mean"], data["std"]))
     order_fn = jax.jit(pipeline.epoch_permutation, static_argnums=2)
+    split_metrics = lambda state, batched: evaluate(eval_fn, state, batched, num_outputs, head=head)
+    best_key, primary = f"val_{head.best[0]}", head.primary
 
     def evaluate_epoch(state, train_means):
       row = {f"train_{k}": float(v) for k, v in train_means.items()}
       if schedule is not None:
         row["learning_rate"] = float(schedule(int(state.step)))
-      if val_batched is not None:
-        row.update({f"val_{k}": v for k, v in evaluate(eval_fn, state, val_batched, num_classes).items()})
+      splits = [("val", val_batched)] if val_batched is not None else []
       if config.test_every_epoch:
-        row.update({f"test_{k}": v for k, v in evaluate(eval_fn, state, test_batched, num_classes).items()})
+        splits.append(("test", test_batched))
+      for name, batched in splits:  # rows hold numbers; per-label lists are for results.json
+        row.update({f"{name}_{k}": v for k, v in split_metrics(state, batched).items()
+                    if not isinstance(v, list)})
       return row
 
     def finish(state, best, info):
-      test = evaluate(eval_fn, best, test_batched, num_classes)
-      log(f"test accuracy {test['accuracy']:.2%}  test loss {test['loss']:.4f}  "
-          f"(best epoch {info['best_epoch']}); results in {workdir}/results.json")
+      test_metrics = split_metrics(best, test_batched)
+      shown = "  ".join(f"test {label} {test_metrics[key]:{fmt}}" for key, label, fmt in head.final
+                        if key in test_metrics)
+      log(f"{shown}  (best epoch {info['best_epoch']}); results in {workdir}/results.json")
+      # softmax: test_accuracy, test_loss, [test_top5], best_val_accuracy, [time_to_accuracy].
       return {"dataset": {"name": dataset.name, "num_train": num_train, "num_val": len(val[1]),
-                          "num_test": len(dataset.test[1]), "num_classes": num_classes},
+                          "num_test": len(test[1]), "num_classes": num_classes},
               "params_count": summary.total_params, "trainable_params": summary.trainable_params,
-              "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-              **({"test_top5": test["top5"]} if "top5" in test else {}),
-              "best_val_accuracy": info["best_value"], "stopped_early": info["stopped_early"],
-              **({"time_to_accuracy": [[r["train_time_s"], r["test_accuracy"]] for r in info["history"]]}
+              **{f"test_{k}": v for k, v in test_metrics.items()},
+              f"best_{best_key}": info["best_value"], "stopped_early": info["stopped_early"],
+              **({f"time_to_{primary}": [[r["train_time_s"], r.get(f"test_{primary}")]
+                                         for r in info["history"]]}
                  if config.test_every_epoch else {}),
               "compile_s": info["compile_s"], "devices": [d.device_kind for d in jax.devices()]}
 
     task = engine.Task(
-        state=state, step=make_step(config, frozen_stats=frozen_stats, batch_sharding=batch_sharding),
+        state=state, step=make_step(config, frozen_stats=frozen_stats, batch_sharding=batch_sharding,
+                                    head=head),
         inputs=lambda epoch: (data, order_fn(data_key, epoch, num_train), step_key),
         steps_per_epoch=steps_per_epoch, epochs=config.epochs, evaluate=evaluate_epoch,
-        describe=lambda epoch, step, row: f"epoch {epoch}/{config.epochs}  {_format_row(row)}",
-        finish=finish, best=("val_accuracy", "max") if val_batched is not None else None,
+        describe=lambda epoch, step, row: f"epoch {epoch}/{config.epochs}  {_format_row(row, head)}",
+        finish=finish, best=(best_key, head.best[1]) if val_batched is not None else None,
         patience=config.early_stopping_patience,
         panels={"loss": ["train_loss", "val_loss", "test_loss"],
-                "accuracy": ["train_accuracy", "val_accuracy", "test_accuracy"],
-                **({"test accuracy against time": {"x": "train_time_s", "keys": ["test_accuracy"]}}
+                **{name: [f"train_{name}", f"val_{name}", f"test_{name}"] for name in head.panels},
+                **({f"test {primary} against time": {"x": "train_time_s", "keys": [f"test_{primary}"]}}
                    if config.test_every_epoch else {})},
         title=f"{config.model} on {dataset.name}", examples_per_step=config.batch_size,
         nan_policy=config.nan_policy, keep_checkpoints=config.keep_checkpoints,

@@ -1,7 +1,8 @@
 """Datasets held whole in memory, and the on-device input pipeline.
 
 `load_dataset(name)` returns a `Dataset` of uint8 NHWC images and int32 labels:
-the built-in procedural `shapes` set (offline, made in seconds); mnist,
+the built-in procedural `shapes` set (offline, made in seconds) and its
+multi-label and regression variants; mnist,
 fashion_mnist, cifar10 and cifar100 read from their canonical files
 (`jdl.data.classic`, no TensorFlow, see docs/data.md); or any other TFDS
 image-classification dataset read through `tfds.data_source` (no TensorFlow at
@@ -16,26 +17,35 @@ import numpy as np
 from jdl.errors import ConfigError
 
 # inputs (N, ...) -- uint8 images (N, H, W, C) or float32 sequences (N, T, F) --
-# and int32 labels (N,).
+# and labels: int32 class ids (N,), int32 multi-hot rows (N, C) or float32 targets (N,).
 Split = Tuple[np.ndarray, np.ndarray]
+
+# What a dataset's labels are (`Dataset.label_type`); `jdl.heads` says which head learns which.
+LABEL_TYPES = ("class", "multi_hot", "value")
 
 
 @dataclasses.dataclass
 class Dataset:
-  """A classification dataset held in host memory.
+  """A dataset held in host memory: classes, multi-hot labels or regression targets.
 
   Arguments:
     name: the dataset's name as given to `load_dataset`.
     train: (images, labels) for training (validation is split off later).
     test: (images, labels) held out for the final figure.
-    num_classes: number of classes; labels are in [0, num_classes).
-    class_names: one name per class.
+    num_classes: what the labels range over: for 'class' labels the number of
+      classes (ids in [0, num_classes); 2 for a binary set such as
+      fashion_mnist_footwear), for 'multi_hot' the number of labels (the
+      row length), for 'value' the number of targets per example (1).
+    class_names: one name per class, label or target.
+    label_type: 'class' (int32 ids (N,)), 'multi_hot' (int32 0/1 (N,
+      num_classes), any number of ones) or 'value' (float32 (N,)).
   """
   name: str
   train: Split
   test: Split
   num_classes: int
   class_names: Tuple[str, ...]
+  label_type: str = "class"
 
   @property
   def input_shape(self) -> Tuple[int, ...]:
@@ -51,9 +61,14 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   """Loads a dataset by name into host memory.
 
   Arguments:
-    name: 'shapes' or its easy variant 'shapes_plain' (built in, offline), 'mnist1d'
-      (sequences, made locally), 'mnist', 'fashion_mnist', 'cifar10', 'cifar100'
-      (`jdl.data.classic`) or another TFDS image-classification name (svhn_cropped, ...).
+    name: 'shapes' or its easy variant 'shapes_plain' (built in, offline),
+      'shapes_multilabel' (1-3 shapes of distinct classes per image, multi-hot
+      labels) and 'shapes_size' (the shapes_plain images, target: the shape's
+      radius in pixels),
+      'mnist1d' (sequences, made locally), 'mnist', 'fashion_mnist', 'cifar10',
+      'cifar100' (`jdl.data.classic`), 'fashion_mnist_footwear' (Fashion-MNIST
+      with two classes: 1 for Sandal, Sneaker and Ankle boot, 0 for the rest) or
+      another TFDS image-classification name (svhn_cropped, ...).
     data_dir: searched first for the classic datasets' files; where TFDS looks for
       prepared data (TFDS's default when None).
     num_train: for `shapes`, how many training images to generate; otherwise
@@ -62,14 +77,23 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
     seed: seed of the `shapes` generator (other data does not depend on it).
     download: allow downloading data that is not there yet (TFDS also prepares it).
   """
-  if name in ("shapes", "shapes_plain"):
+  if name in SHAPES_VARIANTS:
     from jdl.data import shapes
+    task = SHAPES_VARIANTS[name]
     splits = shapes.load(num_train=num_train or 10_000, num_test=num_test or 2_000, seed=seed,
-                         plain=name == "shapes_plain")
+                         plain=name != "shapes", task=task)  # the heads' variants are plain too
+    if task == "size":
+      return Dataset(name, splits["train"], splits["test"], 1, ("radius_px",), "value")
     return Dataset(name, splits["train"], splits["test"], len(shapes.CLASS_NAMES),
-                   tuple(shapes.CLASS_NAMES))
+                   tuple(shapes.CLASS_NAMES), "multi_hot" if task == "multilabel" else "class")
   from jdl.data import classic
-  if name == "mnist1d":
+  if name == "fashion_mnist_footwear":
+    dataset = classic.load("fashion_mnist", data_dir=data_dir, download=download)
+    footwear = [dataset.class_names.index(c) for c in FOOTWEAR]
+    relabel = lambda split: (split[0], np.isin(split[1], footwear).astype(np.int32))
+    dataset = Dataset(name, relabel(dataset.train), relabel(dataset.test), 2,
+                      ("not footwear", "footwear"))
+  elif name == "mnist1d":
     from jdl.data import mnist1d
     splits = mnist1d.load()  # The standard dataset whatever the run's seed.
     dataset = Dataset("mnist1d", splits["train"], splits["test"], 10, mnist1d.CLASS_NAMES)
@@ -83,6 +107,21 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   if num_test:
     dataset.test = tuple(a[:num_test] for a in dataset.test)
   return dataset
+
+
+SHAPES_VARIANTS = {"shapes": "class", "shapes_plain": "class", "shapes_multilabel": "multilabel",
+                   "shapes_size": "size"}
+FOOTWEAR = ("Sandal", "Sneaker", "Ankle boot")  # fashion_mnist_footwear's class 1 (30% of the images)
+
+# The labels of the built-in datasets, (label_type, num_classes), known without
+# loading them, so `config.validate` can refuse a head that cannot learn them
+# before anything loads (other names are checked once loaded).
+KNOWN_LABELS = {
+    **{name: ("class", 10) for name in ("shapes", "shapes_plain", "mnist", "fashion_mnist",
+                                         "cifar10", "mnist1d")},
+    "cifar100": ("class", 100), "fashion_mnist_footwear": ("class", 2),
+    "shapes_multilabel": ("multi_hot", 10), "shapes_size": ("value", 1),
+}
 
 
 def split_validation(split: Split, fraction: float, seed: int) -> Tuple[Split, Split]:

@@ -3,7 +3,7 @@
 The whole dataset lives on the device: uint8 images (N, H, W, C) or float
 sequences (N, T, F). Each training step gathers its batch with indices from a
 per-epoch permutation, converts it to float, normalises it per channel (the
-last axis) and augments images -- no host work per step.
+last axis) and augments images (`jdl.data.augmentation`) -- no host work per step.
 Randomness comes from keys passed in, so the data order of epoch e and the
 augmentation of step s are pure functions of (seed, e, s): resuming a run
 replays exactly the same batches.
@@ -85,7 +85,12 @@ def random_flip(rng, images):
 
 
 def augment(rng, images, pad: int = 4, flip: bool = True):
-  """Random translation by up to `pad` pixels, then a random horizontal flip."""
+  """Random translation by up to `pad` pixels, then a random horizontal flip.
+
+  jdl's first `--augment`. Training now calls `jdl.data.augmentation.augment`,
+  whose default AugmentSpec gives these same images for the same key (tested);
+  this stays as that reference.
+  """
   translate_rng, flip_rng = jax.random.split(rng)
   if pad:
     images = random_translate(translate_rng, images, pad)

@@ -21,6 +21,18 @@ core) and deterministic given the seed.
 `shapes_plain` (`plain=True`) is the easy variant: flat colours only, no
 distractors or noise; an offline stand-in for MNIST when a small GAN must
 learn to draw the class.
+
+Two variants serve the heads beyond softmax (`jdl.heads`), both flat-coloured
+like `shapes_plain` (the point is the head, not the clutter; plain=False gives
+them the full backgrounds and noise):
+  task='multilabel'  (`shapes_multilabel`) 1-3 shapes of distinct classes per
+                     image, each in its own quadrant (so none hides another),
+                     MULTI_SCALE_RANGE x side; labels a multi-hot int32 (N, 10) row.
+  task='size'        (`shapes_size`) the `shapes_plain` images; the target is the
+                     shape's circumradius in pixels, float32 (N,), uniform in
+                     SCALE_RANGE x side (6.4-12.2 px at 32). Every class's SDF
+                     fills the unit disk differently, so the model must learn
+                     size per class.
 """
 import os
 import sys
@@ -45,6 +57,9 @@ NUM_DISTRACTORS = 3         # max distractor blobs/strokes per image (uniform 0.
 DISTRACTOR_RADIUS = (0.015, 0.045)  # stroke half-width / image side (0.5-1.4 px at 32)
 DISTRACTOR_LENGTH = 0.2     # max stroke length / image side (0 = round blob)
 NOISE_STD = 0.04            # std of i.i.d. Gaussian pixel noise (about 10 / 255)
+# shapes_multilabel: up to MAX_SHAPES shapes, each inside one 16x16 quadrant at 32.
+MAX_SHAPES = 3
+MULTI_SCALE_RANGE = (0.17, 0.22)  # circumradius / image side (5.4-7.0 px at 32)
 
 _CHUNK = 2048  # images per vectorised chunk: bounds memory (~100 MB) and fixes the RNG stream
 
@@ -180,7 +195,8 @@ def _composite(image, alpha, colour, scratch):
 
 
 def _render(rng, labels, size, plain=False):
-  """Images float32 (n, 3, size, size), about [0, 1] (unclipped), for int labels (n,).
+  """Images float32 (n, 3, size, size), about [0, 1] (unclipped), for int labels (n,),
+  and each shape's circumradius in pixels, float32 (n,).
 
   plain: flat background and shape colours, no distractors and no noise.
   """
@@ -219,6 +235,28 @@ def _render(rng, labels, size, plain=False):
   slack = np.maximum(size / 2 - radius - EDGE_MARGIN * size, 0)
   cx, cy = size / 2 + rng.uniform(-1, 1, (2, n)).astype(np.float32) * slack
   theta = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
+  alpha = _shape_coverage(labels, radius, cx, cy, theta, size)
+  if plain:
+    shape = fg[:, :, None, None]
+  else:
+    shape = _smooth_field(_colour_field(rng, fg, 0, FG_TEXTURE_AMPLITUDE), size)
+  _composite(image, alpha, shape, scratch)
+  if not plain:
+    _add_noise(rng, image, scratch)
+  return image, radius
+
+
+def _shape_coverage(labels, radius, cx, cy, theta, size):
+  """Coverage in [0, 1], (n, 1, size, size) float32, of one shape per image.
+
+  Arguments:
+    labels: (n,) int class of each shape.
+    radius, cx, cy, theta: (n,) float32 circumradius and centre in pixels,
+      rotation in radians.
+  """
+  coords = np.arange(size, dtype=np.float32) + 0.5  # pixel centres, in pixels
+  px, py = coords[None, None, :], coords[None, :, None]  # broadcast to (m, H, W)
+  alpha = np.zeros((len(labels), 1, size, size), np.float32)
   for label, sdf in enumerate(_SDFS):
     idx = np.flatnonzero(labels == label)
     cos, sin = np.cos(theta[idx])[:, None, None], np.sin(theta[idx])[:, None, None]
@@ -226,20 +264,58 @@ def _render(rng, labels, size, plain=False):
     dx, dy = px - cx[idx][:, None, None], py - cy[idx][:, None, None]  # (m, H, W) pixels
     dist = sdf((cos * dx + sin * dy) / r, (cos * dy - sin * dx) / r)
     alpha[idx, 0] = np.clip(0.5 - dist * r, 0, 1)  # distance in pixels -> coverage
-  if plain:
-    shape = fg[:, :, None, None]
-  else:
-    shape = _smooth_field(_colour_field(rng, fg, 0, FG_TEXTURE_AMPLITUDE), size)
-  _composite(image, alpha, shape, scratch)
-  if plain:
-    return image
+  return alpha
 
-  # Pixel noise: uniform with std NOISE_STD (uniform bytes are ~10x cheaper than normals).
+
+def _add_noise(rng, image, scratch):
+  """In place: pixel noise, uniform with std NOISE_STD (uniform bytes are ~10x cheaper than normals)."""
   noise = np.frombuffer(rng.bytes(image.size), np.uint8).reshape(image.shape)
   step = np.float32(NOISE_STD * np.sqrt(12) / 256)  # std of uniform bytes is ~256 / sqrt(12)
   image += np.multiply(noise, step, out=scratch)
   image -= 127.5 * step
-  return image
+
+
+def _render_multilabel(rng, count, size, plain=False):
+  """Images float32 (n, 3, size, size) with count[i] (1..MAX_SHAPES) shapes of
+  distinct classes, one per quadrant, and their multi-hot labels int32 (n, 10)."""
+  n, num_classes = len(count), len(CLASS_NAMES)
+  scratch = np.empty((n, 3, size, size), np.float32)
+  _, bg = _colour_pairs(rng, n)
+  if plain:
+    image = np.broadcast_to(bg[:, :, None, None], (n, 3, size, size)).copy()
+  else:
+    image = _smooth_field(_colour_field(rng, bg, GRADIENT_AMPLITUDE, TEXTURE_AMPLITUDE), size)
+  classes = rng.permuted(np.tile(np.arange(num_classes), (n, 1)), axis=1)  # distinct per image
+  quadrants = rng.permuted(np.tile(np.arange(4), (n, 1)), axis=1)
+  labels = np.zeros((n, num_classes), np.int32)
+  half = size / 2
+  for k in range(MAX_SHAPES):  # slot k: the images with more than k shapes
+    idx = np.flatnonzero(count > k)
+    m = len(idx)
+    labels[idx, classes[idx, k]] = 1
+    radius = rng.uniform(*MULTI_SCALE_RANGE, m).astype(np.float32) * size  # pixels
+    slack = np.maximum(half / 2 - radius - EDGE_MARGIN * size, 0)
+    corner = np.stack([quadrants[idx, k] % 2, quadrants[idx, k] // 2]).astype(np.float32) * half
+    cx, cy = corner + half / 2 + rng.uniform(-1, 1, (2, m)).astype(np.float32) * slack
+    theta = rng.uniform(0, 2 * np.pi, m).astype(np.float32)
+    alpha = np.zeros((n, 1, size, size), np.float32)
+    alpha[idx] = _shape_coverage(classes[idx, k], radius, cx, cy, theta, size)
+    colour = np.zeros((n, 3, 1, 1), np.float32)
+    colour[idx, :, 0, 0] = _contrasting(rng, bg[idx])
+    _composite(image, alpha, colour, scratch)
+  if not plain:
+    _add_noise(rng, image, scratch)
+  return image, labels
+
+
+def _contrasting(rng, bg):
+  """Colours (n, 3) whose luminance differs from each row of bg (n, 3) by >= MIN_CONTRAST."""
+  fg = rng.random(bg.shape, dtype=np.float32)
+  while True:
+    bad = np.abs(_luminance(fg) - _luminance(bg)) < MIN_CONTRAST
+    if not bad.any():
+      return fg
+    fg[bad] = rng.random((bad.sum(), 3), dtype=np.float32)
 
 
 def generate(num_examples: int, seed: Union[int, np.random.SeedSequence],
@@ -260,20 +336,56 @@ def generate(num_examples: int, seed: Union[int, np.random.SeedSequence],
   Returns:
     images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
   """
+  images, labels, _ = _generate(num_examples, seed, image_size, plain)
+  return images, labels
+
+
+def _to_uint8(chunk):
+  """float (n, 3, H, W) about [0, 1] -> uint8 (n, H, W, 3), in place where it can."""
+  chunk *= 255
+  chunk += 0.5  # so that truncation to uint8 rounds to nearest
+  np.clip(chunk, 0, 255, out=chunk)
+  return chunk.transpose(0, 2, 3, 1)  # (n, H, W, 3)
+
+
+def _generate(num_examples, seed, image_size=32, plain=False):
+  """`generate`'s images and labels, and each shape's circumradius in pixels, float32 (N,)."""
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.arange(num_examples) % len(CLASS_NAMES)).astype(np.int32)
   images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
+  radius = np.empty(num_examples, np.float32)
   for start in range(0, num_examples, _CHUNK):
-    chunk = _render(rng, labels[start:start + _CHUNK], image_size, plain)
-    chunk *= 255
-    chunk += 0.5  # so that truncation to uint8 rounds to nearest
-    np.clip(chunk, 0, 255, out=chunk)
-    images[start:start + _CHUNK] = chunk.transpose(0, 2, 3, 1)  # (n, H, W, 3)
+    chunk, radius[start:start + _CHUNK] = _render(rng, labels[start:start + _CHUNK], image_size, plain)
+    images[start:start + _CHUNK] = _to_uint8(chunk)
+  return images, labels, radius
+
+
+def generate_multilabel(num_examples: int, seed: Union[int, np.random.SeedSequence],
+                        image_size: int = 32, plain: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+  """Images with 1 to MAX_SHAPES shapes of distinct classes (`shapes_multilabel`).
+
+  The number of shapes is uniform in 1..MAX_SHAPES and the classes a uniform
+  random subset, so each label is present in about 20% of the images. The same
+  seed gives byte-identical arrays. plain: flat colours, no noise (as
+  `generate`'s plain; `shapes_multilabel` is plain).
+
+  Returns:
+    images uint8 (N, image_size, image_size, 3) and multi-hot labels int32 (N, 10).
+  """
+  rng = np.random.default_rng(seed)
+  count = rng.integers(1, MAX_SHAPES + 1, num_examples)
+  images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
+  labels = np.empty((num_examples, len(CLASS_NAMES)), np.int32)
+  for start in range(0, num_examples, _CHUNK):
+    chunk, labels[start:start + _CHUNK] = _render_multilabel(rng, count[start:start + _CHUNK],
+                                                             image_size, plain)
+    images[start:start + _CHUNK] = _to_uint8(chunk)
   return images, labels
 
 
 def load(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
-         image_size: int = 32, plain: bool = False) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+         image_size: int = 32, plain: bool = False,
+         task: str = "class") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """The `shapes` train and test splits.
 
   The splits come from independent child streams of `seed`, so changing
@@ -285,12 +397,17 @@ def load(num_train: int = 10000, num_test: int = 2000, seed: int = 0,
     seed: the dataset seed.
     image_size: side of the square images in pixels.
     plain: the easy variant, as in `generate`.
+    task: 'class' (class ids), 'multilabel' (`generate_multilabel`) or 'size'
+      (the images with the shape's circumradius in pixels as target).
   Returns:
-    {'train': (images, labels), 'test': (images, labels)} as `generate` returns.
+    {'train': (images, labels), 'test': (images, labels)}: labels int32 (N,),
+    int32 multi-hot (N, 10) or float32 radii (N,).
   """
+  make = {"class": lambda n, s: generate(n, s, image_size, plain),
+          "multilabel": lambda n, s: generate_multilabel(n, s, image_size, plain),
+          "size": lambda n, s: _generate(n, s, image_size, plain)[::2]}[task]
   train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
-  return {"train": generate(num_train, train_seed, image_size, plain),
-          "test": generate(num_test, test_seed, image_size, plain)}
+  return {"train": make(num_train, train_seed), "test": make(num_test, test_seed)}
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, path: str,
@@ -300,7 +417,7 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: str,
 
   Arguments:
     images: uint8 (N, H, W, C) images, C = 1 or 3.
-    labels: int (N,) labels, indices into `class_names`.
+    labels: int (N,) labels, indices into `class_names`, or multi-hot (N, C) rows.
     path: the PNG file to write (parent folders are created).
     class_names: one name per class, used as the panel titles.
     rows: grid rows.
@@ -322,7 +439,9 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: str,
       image = images[i]
       ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
                 cmap="gray" if image.shape[-1] == 1 else None, interpolation="nearest")
-      ax.set_title(class_names[int(labels[i])], fontsize=8)
+      label = labels[i]  # a class id, or a multi-hot row (shapes_multilabel)
+      ax.set_title(", ".join(class_names[j] for j in np.flatnonzero(label)) if np.ndim(label)
+                   else class_names[int(label)], fontsize=8 if np.ndim(label) == 0 else 6)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
