@@ -37,7 +37,6 @@ from typing import Dict, List, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jdl import losses, metrics as metrics_lib
 from jdl.errors import ConfigError
@@ -190,7 +189,7 @@ class Sigmoid(Head):
 
   def loss(self, logits, labels, label_smoothing=0.0):
     logit = jnp.asarray(logits, jnp.float32)[:, 0]  # (B,)
-    return optax.sigmoid_binary_cross_entropy(logit, _smooth_binary(labels, label_smoothing))
+    return losses.binary_cross_entropy(logit, _smooth_binary(labels, label_smoothing))
 
   @staticmethod
   def _hits(logits, labels):
@@ -233,7 +232,7 @@ class MultiLabel(Head):
 
   def loss(self, logits, labels, label_smoothing=0.0):
     logits = jnp.asarray(logits, jnp.float32)  # (B, C)
-    return optax.sigmoid_binary_cross_entropy(logits, _smooth_binary(labels, label_smoothing)).mean(-1)
+    return losses.binary_cross_entropy(logits, _smooth_binary(labels, label_smoothing))  # mean over labels
 
   @staticmethod
   def _predicted(logits, labels):
@@ -304,10 +303,10 @@ class Regression(Head):
     return {"target_mean": self.target_mean, "target_std": self.target_std}
 
   def loss(self, logits, labels, label_smoothing=0.0):
-    error = jnp.asarray(logits, jnp.float32)[:, 0] - jnp.asarray(labels, jnp.float32)  # (B,)
+    prediction = jnp.asarray(logits, jnp.float32)[:, 0]  # (B,)
     if self.regression_loss == "mae":
-      return jnp.abs(error)
-    return optax.squared_error(error)  # error^2 (optax.l2_loss would halve it)
+      return jnp.abs(prediction - jnp.asarray(labels, jnp.float32))
+    return losses.mean_squared_error(prediction, labels)  # error^2 (optax.l2_loss would halve it)
 
   def sum_shapes(self, outputs):
     return {name: () for name in ("loss", "se", "ae", "y", "y2", "count")}

@@ -11,10 +11,12 @@ padded examples of a last, partial batch before it averages:
 Axes other than the batch axis (pixels, time steps) are averaged, so a loss on
 (N, T, C) logits is the mean over the T positions of each example. Losses are
 computed in float32 whatever the input dtype (bf16 logits lose too much in
-log-sum-exp).
+log-sum-exp). The element-wise losses are optax's (`optax.losses`); this
+module adds the per-example convention, class-id labels and the penalties.
 """
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def _per_example(x):
@@ -46,8 +48,8 @@ def mean_squared_error(predictions, targets):
   Returns:
     (N,) float32: mean over each example's entries of (prediction - target)^2.
   """
-  diff = jnp.asarray(predictions, jnp.float32) - jnp.asarray(targets, jnp.float32)
-  return _per_example(jnp.square(diff))
+  return _per_example(optax.losses.squared_error(jnp.asarray(predictions, jnp.float32),
+                                                 jnp.asarray(targets, jnp.float32)))
 
 
 def binary_cross_entropy(logits, labels):
@@ -63,10 +65,8 @@ def binary_cross_entropy(logits, labels):
   Returns:
     (N,) float32: the mean over each example's entries.
   """
-  x = jnp.asarray(logits, jnp.float32)
-  z = jnp.asarray(labels, jnp.float32)
-  loss = -(z * jax.nn.log_sigmoid(x) + (1.0 - z) * jax.nn.log_sigmoid(-x))
-  return _per_example(loss)
+  return _per_example(optax.losses.sigmoid_binary_cross_entropy(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.float32)))
 
 
 def _target_distribution(labels, logits, label_smoothing: float):
@@ -84,9 +84,9 @@ def _target_distribution(labels, logits, label_smoothing: float):
         f"labels of shape {labels.shape} fit neither ids nor one-hot rows for "
         f"logits of shape {logits.shape}")
   # Szegedy et al. 2016: the target keeps 1 - eps of its mass and spreads eps
-  # uniformly over all C classes (the true one included), as Keras and optax.
-  # Applied unconditionally (exact for eps = 0) so eps may be a traced value.
-  return (1.0 - label_smoothing) * targets + label_smoothing / num_classes
+  # uniformly over all C classes (the true one included), as Keras. Applied
+  # unconditionally (exact for eps = 0) so eps may be a traced value.
+  return optax.smooth_labels(targets, label_smoothing)
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -107,10 +107,9 @@ def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0):
   """
   logits = jnp.asarray(logits, jnp.float32)
   targets = _target_distribution(labels, logits, label_smoothing)
-  # log_softmax subtracts the max first: finite for logits of +-1000, and a
-  # zero target times a very negative log-probability is an exact 0.
-  loss = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-  return _per_example(loss)
+  # optax's log_softmax subtracts the max first: finite for logits of +-1000,
+  # and a zero target times a very negative log-probability is an exact 0.
+  return _per_example(optax.losses.softmax_cross_entropy(logits, targets))
 
 
 def kl_divergence(target_probs, logits):
@@ -127,11 +126,8 @@ def kl_divergence(target_probs, logits):
   Returns:
     (N,) float32, >= 0 up to rounding; 0 when softmax(logits) equals p.
   """
-  p = jnp.asarray(target_probs, jnp.float32)
   log_q = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  # xlogy(p, p) is p log p with the 0 log 0 = 0 convention built in.
-  kl = jnp.sum(jax.scipy.special.xlogy(p, p) - p * log_q, axis=-1)
-  return _per_example(kl)
+  return _per_example(optax.losses.kl_divergence(log_q, jnp.asarray(target_probs, jnp.float32)))
 
 
 # ----------------------------------------------------------------------------

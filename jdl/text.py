@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jdl import checkpoint, engine, ops, optim, parallel, xla
+from jdl import checkpoint, engine, losses, ops, optim, parallel, xla
 from jdl.config import option
 from jdl.core import PRNG_IMPL, apply_if_finite
 from jdl.errors import CheckpointError, ConfigError, DataError
@@ -262,7 +262,7 @@ def make_step(batch_size: int, seq_len: int, batch_sharding=None):
     def loss_fn(params):
       logits, _ = state.apply_fn({"params": params}, inputs, train=True,
                                  rngs={"dropout": dropout_key})  # (B, L, V)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+      return losses.softmax_cross_entropy(logits, targets).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     state, status, _ = apply_if_finite(state, grads, loss)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jdl import losses
 from jdl.data import pipeline
 from jdl.errors import ConfigError
 from jdl.core import TrainState, step_status
@@ -181,11 +182,10 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
     real_out, stats = _apply_train(d, params, d.batch_stats, seen_by_d(real_images, 1), *extra)
     fake_out, stats = _apply_train(d, params, stats, seen_by_d(jax.lax.stop_gradient(fake), 2), *extra)
     (real_logits, real_classes), (fake_logits, _) = _split_logits(real_out), _split_logits(fake_out)
-    loss = (optax.sigmoid_binary_cross_entropy(real_logits, jnp.full_like(real_logits, real_label)).mean()
-            + optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean())
+    loss = (losses.binary_cross_entropy(real_logits, jnp.full_like(real_logits, real_label)).mean()
+            + losses.binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean())
     if real_classes is not None:
-      loss = loss + class_weight * optax.softmax_cross_entropy_with_integer_labels(
-          real_classes, labels).mean()
+      loss = loss + class_weight * losses.softmax_cross_entropy(real_classes, labels).mean()
     return loss, (real_logits, fake_logits, real_classes, stats)
 
   (d_loss, (real_logits, fake_logits, real_classes, d_stats)), d_grads = jax.value_and_grad(
@@ -196,9 +196,9 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
   def g_loss_fn(images):
     out, _ = _apply_train(d, d.params, d.batch_stats, seen_by_d(images, 3), *extra)
     logits, classes = _split_logits(out)
-    loss = optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)).mean()
+    loss = losses.binary_cross_entropy(logits, jnp.ones_like(logits)).mean()
     if classes is not None:
-      loss = loss + class_weight * optax.softmax_cross_entropy_with_integer_labels(classes, labels).mean()
+      loss = loss + class_weight * losses.softmax_cross_entropy(classes, labels).mean()
     return loss, classes
 
   (g_loss, fake_classes), image_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(fake)
@@ -222,8 +222,7 @@ def gan_train_step(state: GANState, real_images, labels, rng, real_label: float 
   # One cond over the whole state rather than keep_if's select per leaf: D's
   # new parameters also feed G's pass, so their selects cannot fuse into the
   # optimizer's update as a classifier's do, and ran as ~60 extra passes; the
-  # cond made the benchmark's dcgan step ~6% faster (median of 10 in-process
-  # A/B rounds; BUILD_NOTES.md, issue 6, session 13).
+  # cond made the benchmark's dcgan step faster (A/B in BUILD_NOTES.md).
   kept = jax.lax.cond(ok, lambda: new, lambda: state)
   return kept.replace(g=kept.g.replace(step=g.step), d=kept.d.replace(step=d.step)), metrics
 
