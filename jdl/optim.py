@@ -261,18 +261,6 @@ def make_schedule(
                boundaries=tuple(boundaries), scale=scale, alpha=alpha)
 
 
-def learning_rate_at(learning_rate: Union[float, Callable], step: int) -> float:
-  """The rate at `step` as a Python float, for logging.
-
-  Arguments:
-    learning_rate: a float or a schedule, as given to make_optimizer.
-    step: number of updates done so far (the schedule's count).
-  """
-  if callable(learning_rate):
-    return float(learning_rate(step))
-  return float(learning_rate)
-
-
 # ----------------------------------------------------------------------------
 # Freezing: parameters chosen by path get no update at all.
 # ----------------------------------------------------------------------------

@@ -30,13 +30,12 @@ Known differences from jdl, none of which changes the work done per step:
     jdl's N(0, 0.02) kernels and N(1, 0.02) BatchNorm scales.
 
     step = build('cnn', batch_size=128, channels_last=True)
-    print(time_steps(step, steps=20, warmup=3))
+    step()  # one training step; step.losses holds its losses
 
 torch is an optional dependency: only the benchmark imports this module.
 """
 import contextlib
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 from torch import nn
@@ -431,28 +430,3 @@ def build(name: str, batch_size: int, device: str = 'cpu', channels_last: bool =
   step.modules = modules
   step.losses = losses
   return step
-
-
-def time_steps(step: Callable[[], None], steps: int, warmup: int) -> dict:
-  """Times step(): the first call alone, then `steps` calls after `warmup` more.
-
-  Returns {'compile_s': seconds of the first call (compilation, allocation),
-  'step_ms': [wall milliseconds of each timed call]}. step() synchronises itself,
-  so each wall time covers the device work.
-
-  Arguments:
-    step: from `build`.
-    steps: timed calls.
-    warmup: untimed calls after the first one.
-  """
-  start = time.perf_counter()
-  step()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    step()
-  step_ms: List[float] = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    step_ms.append((time.perf_counter() - start) * 1e3)
-  return {'compile_s': compile_s, 'step_ms': step_ms}

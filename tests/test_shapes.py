@@ -74,7 +74,7 @@ def test_every_shape_fits_the_unit_disk_and_has_its_own_area():
 def test_load_dataset_and_grid(tmp_path):
   dataset = load_dataset("shapes", num_train=40, num_test=20, seed=0)
   assert dataset.num_classes == 10 and dataset.class_names == shapes.CLASS_NAMES
-  assert dataset.image_shape == (32, 32, 3)
+  assert dataset.input_shape == (32, 32, 3)
   assert len(dataset.train[1]) == 40 and len(dataset.test[1]) == 20
   path = shapes.save_grid(*dataset.train, str(tmp_path / "grid.png"))
   with open(path, "rb") as f:

@@ -98,8 +98,8 @@ def test_dcgan_generator_pass_leaves_discriminator_running_stats():
 
 def test_channels_last_and_autocast_steps_run():
   step = tr.build('cnn', batch_size=4, channels_last=True, autocast_bf16=True)
-  out = tr.time_steps(step, steps=2, warmup=1)
-  assert out['compile_s'] > 0 and len(out['step_ms']) == 2
+  step()
+  step()
   assert math.isfinite(float(step.losses['loss']))
   step = tr.build('dcgan', batch_size=4, channels_last=True)
   step()

@@ -52,8 +52,6 @@ class Dataset:
     """One example's shape: (H, W, C) for images, (T, F) for sequences."""
     return tuple(self.train[0].shape[1:])
 
-  image_shape = input_shape  # The name the image experiments read best with.
-
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None,
                  num_train: Optional[int] = None, num_test: Optional[int] = None,
