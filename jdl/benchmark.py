@@ -33,8 +33,9 @@ models, experiments.benchmark makes a CPU host one device per core by
 default, as experiments.sequence and text do (`parallel.auto_cpu_devices`).
 
 `compare_torch` times jdl's step and the same step in PyTorch in one loop,
-alternating every 5 steps: on a shared host whose speed drifts by 20% within
-a minute, timing one side after the other moved the ratio by as much.
+alternating every 5 steps, so that a shared host whose speed drifts within a
+minute moves both sides alike; timing one side after the other would move
+the ratio by as much as the host drifts.
   host            how busy the host was with other work while timing
                   (`HostLoad`): the 1-minute load average before, and the
                   cores other processes used on average during the timing;
@@ -236,8 +237,9 @@ def _timing(times, batch_size: int) -> Dict:
 
 
 # Other processes using more than this many cores on average while timing make
-# the figures untrustworthy: on 2 cores another job slowed PyTorch's dcgan step
-# from 60 ms to 1,800 ms (both sides' thread pools spin and fight for cores).
+# the figures untrustworthy: both sides' thread pools spin and fight them for the
+# cores, and PyTorch's barrier after every op can slow its step many times over
+# (BUILD_NOTES.md).
 BUSY_HOST_CORES = 0.25
 
 
@@ -288,10 +290,9 @@ def _time_sides(sides: Dict[str, _Side], steps: int, warmup: int, block: int = 5
   With two sides, each block starts with one untimed call: the first call
   after the other side's block shares the cores with that side's threads
   still spinning (PyTorch's OpenMP pool spins for milliseconds after its
-  last op). Without it, jdl's 2-device lstm step took 16.8 ms in that
-  position against 10.3-11.5 ms in the other four, and PyTorch's 14.0
-  against 13.0-13.4 (BUILD_NOTES.md, issue 6, session 13): an artefact of
-  running both in one process, not a cost of either."""
+  last op). Without it, the first call of each block ran slower than the
+  other four, on both sides (BUILD_NOTES.md): an artefact of running both in
+  one process, not a cost of either."""
   for side in sides.values():
     for _ in range(warmup):
       side.run()
@@ -337,12 +338,12 @@ def _jdl_side(model: str, *, batch_size: int, precision: str, steps_per_call: in
     step = lambda state, key, batch: jax.vmap(one_step, in_axes=(0, 0, None))(
         state, jax.random.split(key, replicas), batch)
   # The batch is an argument, split over the devices (a constant batch with a
-  # sharding constraint ran the 2-device lstm step ~12% slower).
+  # sharding constraint made the 2-device lstm step slower).
   state, batch = parallel.replicate(state, mesh), jax.device_put(batch, parallel.shardings(mesh)[1])
 
   # K = 1: the step itself. K > 1: a scan, fully unrolled on CPU, where XLA
-  # runs a step inside a while loop ~6x slower (cnn: 1.08 s vs 0.17 s per step
-  # in a length-1 scan; BUILD_NOTES.md), rolled on accelerators.
+  # runs a step inside a while loop several times slower (BUILD_NOTES.md),
+  # rolled on accelerators.
   unroll = True if jax.default_backend() == "cpu" else 1
 
   # The next call's key comes out of this one, as a training loop derives its

@@ -72,7 +72,7 @@ class Checkpoints:
         # Leftovers of a save killed before its rename; never a usable checkpoint.
         cleanup_tmp_directories=True,
         # Synchronous saves: a save has finished when `save` returns, which keeps
-        # resume semantics simple; a save costs ~50 ms for the notes' cnn on CPU.
+        # resume semantics simple, and a small model's save is brief (BUILD_NOTES.md).
         enable_async_checkpointing=False)
     self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                          options=options, item_handlers=_items())

@@ -108,12 +108,11 @@ def tune_malloc() -> bool:
 
   XLA:CPU allocates each executable's temporary buffer per call, and glibc
   serves blocks over 32 MB with a fresh mmap that is unmapped on free, so
-  every training step page-faults its whole temp buffer in again: the cnn
-  step (batch 128) took ~10,000 minor faults (40 MB) and 39-51 ms, and 30-35
-  ms with this (BUILD_NOTES.md "Issue 6"). With mmap off (M_MMAP_MAX = 0),
-  trimming off (M_TRIM_THRESHOLD = 2 GiB) and one arena (M_ARENA_MAX = 1:
-  XLA's worker threads would otherwise allocate from per-thread heaps, which
-  glibc unmaps whenever they empty), blocks come from the heap and stay
+  every training step page-faults its whole temp buffer in again (A/B in
+  BUILD_NOTES.md 3.8). With mmap off (M_MMAP_MAX = 0), trimming off
+  (M_TRIM_THRESHOLD = 2 GiB) and one arena (M_ARENA_MAX = 1: XLA's worker
+  threads would otherwise allocate from per-thread heaps, which glibc
+  unmaps whenever they empty), blocks come from the heap and stay
   there, so the process keeps its peak memory. Call it before JAX starts its
   threads. Returns whether it was applied (glibc on Linux only; a no-op
   elsewhere).

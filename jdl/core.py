@@ -19,9 +19,9 @@ import optax
 from flax.training import train_state
 
 # The run's PRNG: XLA's RngBitGenerator for random bits. Deterministic for a
-# given backend like threefry, but its programs compile ~8x faster on XLA:CPU
-# (0.37 s vs 2.9 s for one normal draw of (128, 32, 32, 16); BUILD_NOTES.md),
-# which is most of the time to first step of a small model.
+# given backend like threefry, but its programs compile several times faster
+# on XLA:CPU (BUILD_NOTES.md), and threefry's compile would be most of a small
+# model's time to first step.
 PRNG_IMPL = "rbg"
 
 

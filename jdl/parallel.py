@@ -138,8 +138,8 @@ def set_cpu_devices(count: int) -> None:
 
 RECURRENT_MODELS = ("rnn", "lstm", "gru")
 # Below ~32 sequences per device the per-step (B/N, H) @ (H, 4H) matmul is too
-# small to run a core at its peak, and the split gained nothing (text at 16
-# per device: 244.7 s vs 239.3 s on one; BUILD_NOTES.md, issue 6, session 11).
+# small to run a core at its peak, and the split gained nothing (the text model
+# at 16 per device; BUILD_NOTES.md).
 MIN_BATCH_PER_CPU_DEVICE = 32
 
 
@@ -150,7 +150,7 @@ def auto_cpu_devices(model: str, batch_size: int, implementation: Optional[str] 
   For a recurrent model (not on the cuDNN kernel): the largest N <= cores
   that divides `batch_size` into slices of at least MIN_BATCH_PER_CPU_DEVICE;
   else, and for every other model, 1. On 2 cores, lstm at batch 64: 2 (its
-  step ~1.4x faster than on one device; BUILD_NOTES.md, issue 6).
+  step is faster than on one device; A/B in BUILD_NOTES.md 3.8).
 
   Arguments:
     model: a model name ('lstm', 'cnn', ...).

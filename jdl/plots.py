@@ -8,8 +8,9 @@ from jdl.parallel import is_primary
 def _pyplot():
   """matplotlib.pyplot on the file-only Agg backend, imported on first use.
 
-  Imported lazily because it costs ~0.8 s of every entrypoint's start-up
-  (CPU-2), and a run draws its first plot only after its first epoch.
+  Imported lazily because importing it is a noticeable part of every
+  entrypoint's start-up, and a run draws its first plot only after its first
+  epoch.
   """
   import matplotlib
   matplotlib.use("Agg")  # Files only; no display needed.

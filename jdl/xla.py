@@ -1,15 +1,12 @@
 """XLA compile options for jdl's jitted steps, and `jit`, jax.jit with them.
 
 On CPU, jaxlib 0.10's XLA hands convolutions (all but tiny ones) to YNNPACK
-by default. In a trace of the DCGAN step the second core sat idle through
-the discriminator's largest convolution (3.1 ms), and with convolutions left to
-XLA's own (Eigen) kernels, which split each over the whole thread pool, the
-steps got faster (2-core CPU, in-process interleaved A/B, BUILD_NOTES.md
-issue 6, session 14): that conv's forward 2.8 -> 1.8 ms, its kernel
-gradient 4.0 -> 2.2 ms; training steps dcgan 2-9% faster, fastnet (batch
-64) 18%, resnet18 (batch 32) 17%, vgg 2-3%; the cnn (then with one XLA
-convolution less, see `jdl.ops.conv.Conv`) and the recurrent models unchanged.
-Dots and reductions stay on YNNPACK, as by default.
+by default, which runs each on one thread: in a trace of the DCGAN step the
+second core sat idle through the discriminator's largest convolution. XLA's
+own (Eigen) kernels split each convolution over the whole thread pool, which
+makes the steps of convolution-heavy models faster and leaves the recurrent
+ones unchanged (A/B in BUILD_NOTES.md 3.8). Dots and reductions stay on
+YNNPACK, as by default.
 
 The option is experimental in XLA, so `compiler_options` first checks that
 this jaxlib accepts it (one tiny compile per process) and is empty where it

@@ -1,6 +1,6 @@
 """MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 from their canonical files, without TensorFlow.
 
-    dataset = load('fashion_mnist')  # uint8 (60000, 28, 28, 1), int32 labels; 0.3-0.4 s
+    dataset = load('fashion_mnist')  # uint8 (60000, 28, 28, 1), int32 labels
 
 The files are the ones the dataset authors publish: four gzipped IDX files for
 the MNISTs, the *binary* CIFAR archives (never the Python-pickle versions). They

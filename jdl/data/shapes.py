@@ -150,7 +150,7 @@ def _colour_pairs(rng, n):
 
 # Rendering works channels-first, (n, 3, H, W), so that broadcasting an (n, 1, H, W)
 # coverage map runs over whole contiguous image planes (channels-last broadcasting
-# has an inner loop of length 3 and is ~5x slower); `generate` transposes at the end.
+# has an inner loop of length 3 and is much slower); `generate` transposes at the end.
 
 def _smooth_field(grid, size):
   """Bilinearly upsamples a coarse (n, 3, g, g) grid to (n, 3, size, size).
@@ -268,7 +268,7 @@ def _shape_coverage(labels, radius, cx, cy, theta, size):
 
 
 def _add_noise(rng, image, scratch):
-  """In place: pixel noise, uniform with std NOISE_STD (uniform bytes are ~10x cheaper than normals)."""
+  """In place: pixel noise, uniform with std NOISE_STD (uniform bytes are far cheaper than normals)."""
   noise = np.frombuffer(rng.bytes(image.size), np.uint8).reshape(image.shape)
   step = np.float32(NOISE_STD * np.sqrt(12) / 256)  # std of uniform bytes is ~256 / sqrt(12)
   image += np.multiply(noise, step, out=scratch)

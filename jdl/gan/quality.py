@@ -107,8 +107,8 @@ def train_scorer(config: GANConfig, dataset, workdir: str, log=print,
   from jdl.data import split_validation
   # Batch 128 as experiments.cifar, fewer for tiny training sets (>= 2 steps an epoch).
   # Augmentation and a cosine schedule: on shapes_plain 30 such epochs give a
-  # cnn 94.5% test accuracy against 79.6% for 8 plain ones (BUILD_NOTES.md,
-  # issue 5), and a scorer that misreads real images misreads samples too.
+  # cnn 94.5% test accuracy against 79.6% for 8 plain ones (BUILD_NOTES.md),
+  # and a scorer that misreads real images misreads samples too.
   # A dataset with a training recipe (jdl.config.RECIPES) is trained by it
   # instead, without augmentation: Fashion-MNIST's gives the cnn 92.1% in 20
   # epochs; --classifier_epochs still sets the epochs.

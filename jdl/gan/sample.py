@@ -47,7 +47,7 @@ def read_run(workdir: str) -> Tuple[dict, GANConfig, int]:
   known = {f.name for f in dataclasses.fields(GANConfig)}
   trained = GANConfig(**{k: v for k, v in record.items() if k in known})
   num_classes = 0
-  if trained.conditional:  # recorded since issue 28; known for the built-in datasets before
+  if trained.conditional:  # older records lack num_classes; KNOWN_LABELS has the built-ins'
     num_classes = record.get("num_classes") or KNOWN_LABELS.get(trained.dataset, (None, 0))[1]
   return record, trained, num_classes
 

@@ -264,7 +264,7 @@ class Generator(nn.Module):
       depends on the label (as in the PyTorch-GAN cGAN). On shapes_plain the
       label moves a 'multiply' generator's images ~6x more than a 'concat'
       one's, but the classifier's label match after 40 epochs was the same
-      (BUILD_NOTES.md, issue 5). 'batchnorm': z alone enters, and every
+      (BUILD_NOTES.md). 'batchnorm': z alone enters, and every
       BatchNorm of the decoder has a scale and offset per class
       (`ClassBatchNorm`, as in Miyato & Koyama 2018 and BigGAN).
     kernel_size: transposed-conv kernel side.
@@ -371,7 +371,7 @@ class Discriminator(nn.Module):
                         f"got {self.conditioning!r}")
     if self.class_head and self.conditioning == 'input':
       # Measured: such a head labels fakes right 100% of the time from the first
-      # epoch, so G's class loss teaches it nothing (BUILD_NOTES.md, issue 5).
+      # epoch, so G's class loss teaches it nothing (BUILD_NOTES.md).
       raise ConfigError("a class_head needs conditioning='projection' or 'none': with 'input' "
                         "label channels it reads the label off its input instead of the image")
     if self.num_classes and self.conditioning == 'none' and not self.class_head:

@@ -202,7 +202,7 @@ class GoogLeNet(nn.Module):
     width: base width; every channel count scales by width / 64 (64: torchvision's).
     stage_sizes: Inception modules kept in stages 3, 4 and 5, the first ones of
       each: (2, 5, 2) is the whole net; fewer make a shallower one (the
-      tests' (1, 1, 1) compiles about 3x faster), whose features and heads
+      tests' (1, 1, 1) compiles much faster), whose features and heads
       are those of the modules kept (no aux2 without 4d; 5a's 832 channels
       before fc without 5b).
     aux_logits: add the two auxiliary classifiers (after inception4a and 4d).

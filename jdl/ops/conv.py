@@ -5,7 +5,7 @@ same fields (those jdl's models use), parameters, initialisation and outputs.
   Conv            XLA's convolution, but under vmap over stacked kernels
                   (`jdl.seeds`' replicas) a loop of convolutions instead of
                   the one grouped convolution JAX makes, which XLA:CPU runs
-                  1.7-2.5x slower.
+                  slowly.
   ConvTranspose   a stride-2 'SAME' transposed convolution as one matmul and
                   shifted adds (`conv_transpose_2x`) with its own VJP, whose
                   gradient XLA:CPU computes several times faster than that of
@@ -33,10 +33,9 @@ def _vmap_kernels_as_loop(fun):
   kernel shared it batches as usual (the mapped axis joins the batch).
 
   JAX batches a convolution over stacked kernels (`jdl.seeds`' replicas) as
-  one grouped convolution, which XLA:CPU ran 1.7-2.5x slower than the same
-  convolutions one after the other: fwd+bwd of 4 replicas, B 64, 2-core CPU,
-  16 -> 32 2x2 on 16x16 18.3 vs 10.6 ms, 3 -> 32 3x3 on 32x32 89.5 vs 38.4
-  (BUILD_NOTES.md, issue 6, session 15).
+  one grouped convolution, which XLA:CPU runs slower than the same
+  convolutions one after the other, forward and both gradients (A/B in
+  BUILD_NOTES.md 3.8).
   """
   batched = jax.custom_batching.custom_vmap(fun)
 
@@ -136,10 +135,9 @@ def conv_transpose_2x(x, kernel):
   zero taps are multiplied (k*k per input pixel, as the transposed convolution
   itself). The gradient is two matmuls and the same shifts in reverse, which
   XLA:CPU computes several times faster than the gradient of the
-  input-dilated convolution behind `lax.conv_transpose` (fwd+bwd of a
-  (64, 4, 4, 128) -> 64-channel layer, 2-core CPU: 97 ms that way, 25 ms as
-  a 3x3 stride-1 convolution with zero taps, 6 ms this way;
-  BUILD_NOTES.md "Issue 6"). Same values up to float rounding.
+  input-dilated convolution behind `lax.conv_transpose`, or of a stride-1
+  convolution with zero taps (A/B in BUILD_NOTES.md 3.8). Same values up to
+  float rounding.
   """
   k = kernel.shape[0]
   cin, cout = kernel.shape[2:]
@@ -169,9 +167,8 @@ def _add_taps(per_tap):
   The VJP is written out: the gradient of each tap is the phase's gradient
   shifted back, the k*k of them stacked. JAX's own transpose of these slices
   and adds is a sum of k*k zero-padded copies, one XLA:CPU fusion that reads
-  the gradient at k*k offsets and ran 2-3x slower than the whole layer
-  (fwd+bwd, B 64, 8x8x64 -> 16x16x32: 18.5 ms with it, 9.1 ms with this;
-  BUILD_NOTES.md "Issue 6").
+  the gradient at k*k offsets, which XLA:CPU runs slowly: it took longer
+  than the rest of the layer's forward and backward together.
   """
   batch, height, width, k, _, channels = per_tap.shape
   phases = []

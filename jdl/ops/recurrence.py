@@ -8,15 +8,15 @@
 `lstm_layer`, why:
 
 XLA:CPU runs an elementwise fusion that reads one buffer at several offsets
-(the four gate slices of h @ W_h) ~5x slower than one reading separate
-buffers, and the autodiff of the plain scan is full of such fusions: the
-LSTM cell's elementwise work took 4-5 ms of a 9 ms forward (B 64, T 40,
-H 128; BUILD_NOTES.md "Issue 6"). `lstm_layer` has a hand-written VJP
+(the four gate slices of h @ W_h) several times slower than one reading
+separate buffers, and the autodiff of the plain scan is full of such fusions:
+the LSTM cell's elementwise work, cheap in FLOPs, took a large share of the
+forward (A/B in BUILD_NOTES.md 3.8). `lstm_layer` has a hand-written VJP
 whose backward keeps each gate in its own buffer: one (B, 4H) @ (4H, H)
 matmul per step, then every weight and bias gradient as one matmul after
 the loop. Its forward is one (B, H) @ (H, 4H) matmul and one tanh over
-(B, 4H) per step, which measured ~4% faster per training step than four
-per-gate matmuls and activations.
+(B, 4H) per step: fewer, larger ops than four per-gate matmuls and
+activations, which made the training step a little faster.
 """
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,8 @@ def _lstm_scan(xs, b, w_h, valid):
 
   xs: (T, B, 4H) input projections of gates i, f, g, o; b: (4H,) both
   biases, added inside the loop, where the step's elementwise pass reads
-  them for free (a separate pass over (T, B, 4H) took ~0.5 ms of a ~11 ms
-  benchmark step); w_h: (H, 4H); valid: None or (T, B, 1) of 1.0 (step
+  them for free (a separate pass over (T, B, 4H) would read and write all of
+  it once more); w_h: (H, 4H); valid: None or (T, B, 1) of 1.0 (step
   counts) / 0.0 (keep the carry). Residuals, each (T, B, H): the carry's c after each step, the
   gate activations i, f, g, o, and (with valid) the carry's h after each
   step (without, that is the output).
@@ -149,8 +149,9 @@ def split_over_devices(recurrence, x, valid, weights):
   Why: XLA:CPU runs a loop body on one core, so one device's loop uses one
   core; with the CPU split into one device per core (`--cpu_devices`) each
   device runs its slice of the batch through its own loop, and the MNIST-1D
-  LSTM trains ~1.2x faster on 2 cores. XLA's automatic partitioning of the
-  same scan (the plain `run_loop`) computes the same values.
+  LSTM trains faster on 2 cores than on one (A/B in BUILD_NOTES.md 3.8).
+  XLA's automatic partitioning of the same scan (the plain `run_loop`)
+  computes the same values.
 
   x: (T, B, F) and valid (None or (T, B, ...)) are split along B over the
   'data' axis of the mesh set by `jax.set_mesh` (the training loop traces its

@@ -130,7 +130,7 @@ def default_cut(model: nn.Module, input_shape: Sequence[int], similar: bool) -> 
   middle feature instead: resnet20 'layer1', resnet18 'layer2', vgg11 'block3',
   fastnet 'group1'.
   On the shapes sketches the cnn cut at 'block2' lost to training from
-  scratch and 'block3' beat it (BUILD_NOTES.md, issue 4).
+  scratch and 'block3' beat it (BUILD_NOTES.md).
   """
   if similar:
     return "pre_logits"
