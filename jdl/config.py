@@ -138,7 +138,12 @@ PRESETS = {
 # table was, on all 60,000 training images (no validation split, the last
 # epoch's model tested), for 20 epochs of a cosine schedule.
 RECIPES = {
-    "fashion_mnist": dict(epochs=20, schedule="cosine", validation_fraction=0.0),
+    # The recurrent models diverge at experiments.sequence's Adam 1e-2 here.
+    "fashion_mnist": dict(epochs=20, schedule="cosine", validation_fraction=0.0,
+                          gru=dict(learning_rate=1e-3), lstm=dict(learning_rate=1e-3)),
+    # MNIST-1D: cnn1d overfits without dropout (92.2% vs 94.6%); logistic is
+    # trained on all 4,000 as in the paper.
+    "mnist1d": dict(cnn1d=dict(dropout=0.3), logistic=dict(validation_fraction=0.0)),
 }
 
 

@@ -57,3 +57,22 @@ def test_preset_keeps_explicit_flags():
   assert config.epochs == 3
   with pytest.raises(ConfigError, match="unknown preset 'keras'"):
     apply_preset(TrainConfig(), "keras")
+
+
+def test_dataset_recipes_fill_what_the_user_did_not_set():
+  # Fashion-MNIST: 20 cosine epochs on all 60,000 images; the recurrent models at Adam 1e-3.
+  config = apply_preset(TrainConfig(dataset="fashion_mnist", model="gru", learning_rate=1e-2), "")
+  assert (config.epochs, config.schedule, config.validation_fraction, config.learning_rate) == (
+      20, "cosine", 0.0, 1e-3)
+  assert apply_preset(TrainConfig(dataset="fashion_mnist", model="cnn"), "").learning_rate == 1e-3
+  # Explicit flags win over the recipe; a preset replaces it.
+  config = apply_preset(TrainConfig(dataset="fashion_mnist", model="lstm", epochs=5, learning_rate=0.1),
+                        "", explicit={"epochs", "learning_rate"})
+  assert (config.epochs, config.learning_rate, config.schedule) == (5, 0.1, "cosine")
+  config = apply_preset(TrainConfig(dataset="fashion_mnist"), "keras_cnn")
+  assert (config.epochs, config.validation_fraction) == (100, TrainConfig().validation_fraction)
+  # MNIST-1D: cnn1d gets its dropout, other models and datasets nothing.
+  assert apply_preset(TrainConfig(dataset="mnist1d", model="cnn1d"), "").dropout == 0.3
+  assert apply_preset(TrainConfig(dataset="mnist1d", model="gru"), "") == TrainConfig(dataset="mnist1d",
+                                                                                      model="gru")
+  assert apply_preset(TrainConfig(dataset="cifar10"), "") == TrainConfig(dataset="cifar10")
