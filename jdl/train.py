@@ -417,7 +417,9 @@ def fit(config: TrainConfig, dataset: Optional[Dataset] = None, *, model=None, t
       test_metrics = split_metrics(best, test_batched)
       shown = "  ".join(f"test {label} {test_metrics[key]:{fmt}}" for key, label, fmt in head.final
                         if key in test_metrics)
-      log(f"{shown}  (best epoch {info['best_epoch']}); results in {workdir}/results.json")
+      tested = (f"best epoch {info['best_epoch']} by validation" if val_batched is not None
+                else f"epoch {info['epochs_run']}: no validation split, the last epoch")
+      log(f"{shown}  ({tested}); results in {workdir}/results.json")
       # softmax: test_accuracy, test_loss, [test_top5], best_val_accuracy, [time_to_accuracy].
       return {"dataset": {"name": dataset.name, "num_train": num_train, "num_val": len(val[1]),
                           "num_test": len(test[1]), "num_classes": num_classes},
