@@ -1,4 +1,5 @@
 """Transfer learning: freezing, cutting, partial restore, bottleneck cache, scenarios."""
+import dataclasses
 import json
 import os
 import pickle
@@ -309,6 +310,11 @@ def test_rerun_resumes_and_the_pretraining_run_loads_as_a_workdir(scenario_all):
                               workdir, progress=False, log=lines.append)
   assert any("bottleneck features read from" in line for line in lines)
   assert row["test_accuracy"] == results["scenarios"][0]["test_accuracy"]
+  # Without a validation split the last epoch is tested (no best epoch).
+  no_val = dataclasses.replace(config, validation_fraction=0.0, bottleneck=False, head_pool="flatten")
+  row = transfer.run_scenario(no_val, "small_similar", tasks["similar_small"], pretrained,
+                              os.path.join(workdir, "no-validation"), progress=False, log=lines.append)
+  assert row["best_epoch"] is None and row["epochs"] == 2 and 0.0 <= row["test_accuracy"] <= 1.0
 
 
 def test_pretrained_run_of_another_input_shape_or_kind_is_named_and_nothing_is_left(tmp_path):

@@ -280,7 +280,8 @@ def _bottleneck(run_config: TrainConfig, row: dict, model: TransferModel, variab
 
 
 def _finish_row(row: dict, results: dict) -> dict:
-  row.update(epochs=results["epochs_run"], best_epoch=results["best_epoch"],
+  # best_epoch: the epoch tested, chosen by validation (None without a validation split: the last).
+  row.update(epochs=results["epochs_run"], best_epoch=results.get("best_epoch"),
              time_s=results["train_time_s"], test_accuracy=results["test_accuracy"])
   return row
 
