@@ -278,6 +278,8 @@ class Task:
     keep_checkpoints: how many of the latest checkpoints to keep.
     nan_hint: the advice ending a non-finite-step error.
     log_every: steps between the progress bar's loss updates (each a sync).
+    note_every_s: where there is no bar (a log file), seconds between progress
+      lines inside an epoch (each a sync); 0: after every step.
     mesh: the device mesh the steps run under (`parallel.within`), or None.
   """
   state: Any
@@ -302,6 +304,7 @@ class Task:
   keep_checkpoints: int = 2
   nan_hint: str = "Lower --learning_rate, or pass --nan_policy=skip to skip such steps"
   log_every: int = 50
+  note_every_s: float = 300.0
   mesh: Any = None
 
 
@@ -353,6 +356,21 @@ def _progress_bar(task: Task, epoch: int, last_epoch: int, first: int, steps: in
               mininterval=0.5)
 
 
+def _note(task: Task, epoch: int, last_epoch: int, done: int, steps: int, sums: dict,
+          seconds_per_step: Optional[float]) -> str:
+  """The progress line a log file gets inside a long epoch: steps done, the
+  running mean of the bar's metric, and the time the epoch still needs."""
+  key, label, scale = task.bar_metric
+  good = np.maximum(done - np.asarray(sums["skipped"]), 1)
+  line = (f"{task.period} {epoch}/{last_epoch}: step {done}/{steps}, "
+          f"{label} {np.mean(np.asarray(sums[key]) / good) * scale:.4f}")
+  if seconds_per_step:
+    left = (steps - done) * seconds_per_step
+    line += (f", {seconds_per_step:.3g} s/step, about "
+             f"{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left in the {task.period}")
+  return line
+
+
 def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=print):
   """Trains `task` in `workdir`, resuming from its latest checkpoint.
 
@@ -360,7 +378,8 @@ def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=pr
     task: the Task.
     workdir: the run directory, opened by `workdir(...)` with `record`.
     record: the run's config.json content, also the results' 'config'.
-    progress: show a progress bar (only where stderr is a terminal).
+    progress: show a progress bar where stderr is a terminal, and elsewhere a
+      progress line every `task.note_every_s` inside an epoch.
     log: where status lines go (print by default).
   Returns:
     (state, results): the best state (the final one when no best is tracked)
@@ -415,11 +434,15 @@ def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=pr
         checker = StepChecker(task.nan_policy, where, workdir, restored is not None or epoch > 1,
                               task.nan_hint,
                               on_done=lambda: bar.update(task.examples_per_step or 1))
+        # The rate behind a log file's progress lines: steps since `since` (after compiling).
+        noted = since_time = time.time()
+        since_index = first
         for index in range(first, steps):
           state, sums, status = train_fn(state, sums, inputs, index)
           if compile_s is None:
             jax.block_until_ready(sums)  # Once: separates compile time from step time.
             compile_s = time.time() - epoch_start
+            since_time, since_index = time.time(), index + 1
           step += 1
           checker.push(step, status)
           preempted = ckpts.reached_preemption(step)  # several hosts: all agree on this step
@@ -428,6 +451,12 @@ def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=pr
           if not bar.disable and (index + 1) % task.log_every == 0:
             good = np.maximum(index + 1 - np.asarray(sums["skipped"]), 1)
             bar.set_postfix({bar_label: f"{np.mean(np.asarray(sums[bar_key]) / good) * bar_scale:.4f}"})
+          if (progress and bar.disable and index + 1 < steps
+              and time.time() - noted >= task.note_every_s):
+            noted = time.time()
+            rate = ((noted - since_time) / (index + 1 - since_index)
+                    if index + 1 > since_index else None)
+            log(_note(task, epoch, last_epoch, index + 1, steps, jax.device_get(sums), rate))
           if (stop.signum or preempted) and index + 1 < steps:
             meta.update(step_in_epoch=index + 1, partial_sums=jax.tree.map(
                 lambda v: np.asarray(v).tolist(), jax.device_get(sums)))

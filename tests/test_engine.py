@@ -27,7 +27,7 @@ STEPS_PER_EPOCH = 8  # 64 examples, batch 8
 
 
 def least_squares(workdir, *, epochs=3, learning_rate=0.05, val=None, keep=2, patience=0,
-                  nan_policy="stop", record_extra=None, log=None):
+                  nan_policy="stop", record_extra=None, log=None, note_every_s=None):
   """Opens `workdir` and runs a least-squares task; returns (state, results, lines).
 
   val: optional per-epoch values of the 'val_score' metric (lower is better) to
@@ -74,14 +74,17 @@ def least_squares(workdir, *, epochs=3, learning_rate=0.05, val=None, keep=2, pa
         finish=lambda state, best, info: {"best_step": info["best_step"],
                                           "final_step": int(state.step), "kept_step": int(best.step)},
         best=("val_score", "min"), patience=patience, panels={"loss": ["train_loss", "val_loss"]},
-        title="least squares", nan_policy=nan_policy, keep_checkpoints=keep)
+        title="least squares", nan_policy=nan_policy, keep_checkpoints=keep,
+        **({} if note_every_s is None else {"note_every_s": note_every_s}))
 
     def log_line(line):
       if line.startswith("epoch"):
         lines.append(line)
       if log is not None:
         log(line)
-    state, results = engine.run(task, str(workdir), record, progress=False, log=log_line)
+    # progress=True where a test sets note_every_s: stderr is no terminal, so lines, not a bar.
+    state, results = engine.run(task, str(workdir), record, progress=note_every_s is not None,
+                                log=log_line)
   return state, results, lines
 
 
@@ -227,6 +230,25 @@ def test_no_progress_bar_frames_when_output_is_not_a_terminal(tmp_path, capfd):
   # (Under pytest stderr is a pipe, as in a log file or CI: one line per epoch, no bar.)
   err = capfd.readouterr().err
   assert "\r" not in err and "it/s" not in err and "ex/s" not in err
+
+
+def test_a_log_file_gets_progress_lines_inside_long_epochs(tmp_path, capfd):
+  notes = []
+  least_squares(tmp_path / "run", epochs=2, note_every_s=0, log=notes.append)
+  notes = [line for line in notes if "/8," in line]
+  # After every step but the epoch's last (that one has the epoch's own line).
+  assert [line.split(",")[0] for line in notes[:7]] == [f"epoch 1/2: step {i}/8" for i in range(1, 8)]
+  assert len(notes) == 14 and notes[7].startswith("epoch 2/2: step 1/8, loss ")
+  # The first step compiles, so its rate is unknown; later lines give it and the time left.
+  assert "s/step" not in notes[0] and notes[1].endswith("s left in the epoch") and " s/step, about " in notes[1]
+  # The running loss is the mean so far, as the bar's: it falls as least squares learns.
+  losses = [float(line.split("loss ")[1].split(",")[0]) for line in notes[:7]]
+  assert losses[-1] < losses[0]
+  assert "\r" not in capfd.readouterr().err
+  # Once every 300 s (the default), a short run logs none.
+  quiet = []
+  least_squares(tmp_path / "quiet", epochs=1, note_every_s=300.0, log=quiet.append)
+  assert not [line for line in quiet if "/8," in line]
 
 
 def _jdl_imports():
