@@ -310,9 +310,10 @@ def run_record(config: TrainConfig, dataset: Dataset, mean, std, task: str = "cl
 
 
 def _format_row(row: Dict[str, float], head: heads_lib.Head) -> str:
-  """'train loss 0.1234 acc 95.00%  val loss ...  1.2s (9,000 ex/s)': the head's metrics."""
+  """'train loss 0.1234 acc 95.00%  val loss ...  [test ...]  1.2s (9,000 ex/s)': the
+  head's metrics (test's with --test_every_epoch)."""
   parts = [f"{split} {heads_lib.format_metrics(row, head.shown, f'{split}_')}"
-           for split in ("train", "val") if f"{split}_loss" in row]
+           for split in ("train", "val", "test") if f"{split}_loss" in row]
   parts.append(f"{row['epoch_time_s']:.1f}s ({row['examples_per_s']:,.0f} ex/s)")
   return "  ".join(parts)
 

@@ -26,9 +26,9 @@ def shapes_small():
   return load_dataset("shapes", num_train=640, num_test=256, seed=0)
 
 
-def _fit(tmp_path, dataset, name="run", **overrides):
+def _fit(tmp_path, dataset, name="run", log=lambda *a: None, **overrides):
   config = TrainConfig(**{**SMALL, "workdir": str(tmp_path / name), **overrides})
-  return train.fit(config, dataset, progress=False, log=lambda *a: None)
+  return train.fit(config, dataset, progress=False, log=log)
 
 
 def _leaves(state):
@@ -50,6 +50,21 @@ def test_fit_writes_everything(tmp_path, shapes_small):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in rows] == [1, 2]
   assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5", "learning_rate"} <= set(rows[0])
+
+
+def test_test_every_epoch_scores_the_test_split_against_training_time(tmp_path, shapes_small):
+  lines = []
+  _, results = _fit(tmp_path, shapes_small, test_every_epoch=True, log=lines.append)
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert all({"test_accuracy", "test_loss", "val_accuracy"} <= set(r) for r in rows)
+  # results' time_to_accuracy: (training seconds so far, test accuracy) per epoch, as the rows.
+  assert results["time_to_accuracy"] == [[r["train_time_s"], r["test_accuracy"]] for r in rows]
+  assert 0 < rows[0]["train_time_s"] < rows[1]["train_time_s"]
+  # The final test figure is the best epoch's (by validation), evaluated again: the same number.
+  assert results["test_accuracy"] == rows[results["best_epoch"] - 1]["test_accuracy"]
+  epoch_lines = [line for line in lines if line.startswith("epoch ")]
+  assert len(epoch_lines) == 2 and all("  test loss " in line for line in epoch_lines)
+  assert f"acc {100 * rows[1]['test_accuracy']:.2f}%" in epoch_lines[1].split("  test ")[1]
 
 
 def test_training_reaches_accuracy_bar(tmp_path):
