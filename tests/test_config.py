@@ -65,6 +65,10 @@ def test_dataset_recipes_fill_what_the_user_did_not_set():
   assert (config.epochs, config.schedule, config.validation_fraction, config.learning_rate) == (
       20, "cosine", 0.0, 1e-3)
   assert apply_preset(TrainConfig(dataset="fashion_mnist", model="cnn"), "").learning_rate == 1e-3
+  # The slow ImageNet families train for the epochs behind their figures.
+  for model, epochs in (("alexnet", 5), ("googlenet", 3), ("vgg16", 20)):
+    config = apply_preset(TrainConfig(dataset="fashion_mnist", model=model), "")
+    assert (config.epochs, config.schedule, config.validation_fraction) == (epochs, "cosine", 0.0)
   # Explicit flags win over the recipe; a preset replaces it.
   config = apply_preset(TrainConfig(dataset="fashion_mnist", model="lstm", epochs=5, learning_rate=0.1),
                         "", explicit={"epochs", "learning_rate"})
