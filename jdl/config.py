@@ -139,7 +139,7 @@ PRESETS = {
 # epoch's model tested), for 20 epochs of a cosine schedule.
 RECIPES = {
     # The recurrent models diverge at experiments.sequence's Adam 1e-2 here.
-    # AlexNet and GoogLeNet take 3-4 and 35-40 min an epoch on 2 CPU cores: the
+    # AlexNet and GoogLeNet take 3.5 and 38 min an epoch on 2 CPU cores: the
     # epochs behind their figures (90.3% and 93.8%) are their defaults.
     "fashion_mnist": dict(epochs=20, schedule="cosine", validation_fraction=0.0,
                           gru=dict(learning_rate=1e-3), lstm=dict(learning_rate=1e-3),
