@@ -356,14 +356,20 @@ def _progress_bar(task: Task, epoch: int, last_epoch: int, first: int, steps: in
               mininterval=0.5)
 
 
+def _running_mean(task: Task, sums: dict, done: int) -> float:
+  """The bar's metric (`task.bar_metric`) averaged over the epoch's good steps
+  among the first `done`: what the bar and a log file's progress lines show."""
+  key, _, scale = task.bar_metric
+  good = np.maximum(done - np.asarray(sums["skipped"]), 1)
+  return float(np.mean(np.asarray(sums[key]) / good) * scale)
+
+
 def _note(task: Task, epoch: int, last_epoch: int, done: int, steps: int, sums: dict,
           seconds_per_step: Optional[float]) -> str:
   """The progress line a log file gets inside a long epoch: steps done, the
   running mean of the bar's metric, and the time the epoch still needs."""
-  key, label, scale = task.bar_metric
-  good = np.maximum(done - np.asarray(sums["skipped"]), 1)
   line = (f"{task.period} {epoch}/{last_epoch}: step {done}/{steps}, "
-          f"{label} {np.mean(np.asarray(sums[key]) / good) * scale:.4f}")
+          f"{task.bar_metric[1]} {_running_mean(task, sums, done):.4f}")
   if seconds_per_step:
     left = (steps - done) * seconds_per_step
     line += (f", {seconds_per_step:.3g} s/step, about "
@@ -429,12 +435,11 @@ def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=pr
       inputs = task.inputs(epoch)
       sums = {k: jnp.asarray((meta["partial_sums"] or {}).get(k, np.zeros(shape)), jnp.float32)
               for k, shape in shapes.items()}
-      bar_key, bar_label, bar_scale = task.bar_metric
       with _progress_bar(task, epoch, last_epoch, first, steps, progress) as bar:
         checker = StepChecker(task.nan_policy, where, workdir, restored is not None or epoch > 1,
                               task.nan_hint,
                               on_done=lambda: bar.update(task.examples_per_step or 1))
-        # The rate behind a log file's progress lines: steps since `since` (after compiling).
+        # The rate behind a log file's progress lines: steps since (since_time, since_index), after compiling.
         noted = since_time = time.time()
         since_index = first
         for index in range(first, steps):
@@ -449,8 +454,7 @@ def run(task: Task, workdir: str, record: dict, *, progress: bool = True, log=pr
           if stop.signum or preempted or index + 1 == steps:
             checker.flush()  # a bad step stops here, before its state could be saved
           if not bar.disable and (index + 1) % task.log_every == 0:
-            good = np.maximum(index + 1 - np.asarray(sums["skipped"]), 1)
-            bar.set_postfix({bar_label: f"{np.mean(np.asarray(sums[bar_key]) / good) * bar_scale:.4f}"})
+            bar.set_postfix({task.bar_metric[1]: f"{_running_mean(task, sums, index + 1):.4f}"})
           if (progress and bar.disable and index + 1 < steps
               and time.time() - noted >= task.note_every_s):
             noted = time.time()
