@@ -372,7 +372,8 @@ def _note(task: Task, epoch: int, last_epoch: int, done: int, steps: int, sums: 
           f"{task.bar_metric[1]} {_running_mean(task, sums, done):.4f}")
   if seconds_per_step:
     left = (steps - done) * seconds_per_step
-    line += (f", {seconds_per_step:.3g} s/step, about "
+    rate = f"{seconds_per_step:#.3g}".rstrip(".")  # 3 figures, zeros kept: 4.00, not 4
+    line += (f", {rate} s/step, about "
              f"{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left in the {task.period}")
   return line
 

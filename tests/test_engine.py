@@ -241,6 +241,9 @@ def test_a_log_file_gets_progress_lines_inside_long_epochs(tmp_path, capfd):
   assert len(notes) == 14 and notes[7].startswith("epoch 2/2: step 1/8, loss ")
   # The first step compiles, so its rate is unknown; later lines give it and the time left.
   assert "s/step" not in notes[0] and notes[1].endswith("s left in the epoch") and " s/step, about " in notes[1]
+  # The rate has three significant figures on every line, trailing zeros kept ("4.00", not "4").
+  rates = [line.split(" s/step")[0].rsplit(", ", 1)[1] for line in notes if "s/step" in line]
+  assert len(rates) == 13 and all(len(r.replace(".", "").lstrip("0")) == 3 for r in rates), rates
   # The running loss is the mean so far, as the bar's: it falls as least squares learns.
   losses = [float(line.split("loss ")[1].split(",")[0]) for line in notes[:7]]
   assert losses[-1] < losses[0]
