@@ -139,8 +139,8 @@ PRESETS = {
 # epoch's model tested), for 20 epochs of a cosine schedule.
 RECIPES = {
     # The recurrent models diverge at experiments.sequence's Adam 1e-2 here.
-    # AlexNet and GoogLeNet take 3.5 and 38 min an epoch on 2 CPU cores: the
-    # epochs behind their figures (90.3% and 93.8%) are their defaults.
+    # AlexNet and GoogLeNet default to the epochs behind their recorded figures
+    # (BUILD_NOTES 3.13): 20 would take them hours on a CPU.
     "fashion_mnist": dict(epochs=20, schedule="cosine", validation_fraction=0.0,
                           gru=dict(learning_rate=1e-3), lstm=dict(learning_rate=1e-3),
                           alexnet=dict(epochs=5), googlenet=dict(epochs=3)),

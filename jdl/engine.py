@@ -371,10 +371,10 @@ def _note(task: Task, epoch: int, last_epoch: int, done: int, steps: int, sums: 
   line = (f"{task.period} {epoch}/{last_epoch}: step {done}/{steps}, "
           f"{task.bar_metric[1]} {_running_mean(task, sums, done):.4f}")
   if seconds_per_step:
-    left = (steps - done) * seconds_per_step
+    seconds_left = (steps - done) * seconds_per_step
+    left = f"{seconds_left / 60:.0f} min" if seconds_left >= 90 else f"{seconds_left:.0f} s"
     rate = f"{seconds_per_step:#.3g}".rstrip(".")  # 3 figures, zeros kept: 4.00, not 4
-    line += (f", {rate} s/step, about "
-             f"{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} left in the {task.period}")
+    line += f", {rate} s/step, about {left} left in the {task.period}"
   return line
 
 
